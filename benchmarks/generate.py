@@ -1,0 +1,100 @@
+"""New tokens per second: glm_jax.generate against transformers' GlmForCausalLM.generate.
+
+Same random weights, same prompts, greedy, both on CPU, one run; the ratio is what to compare
+(absolute figures depend on the machine and its load).
+
+    python benchmarks/generate.py [--hidden 512 --layers 8 --batch 8 --new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+from transformers import GlmConfig, GlmForCausalLM
+
+import glm_jax
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser.parse_args()
+
+
+def best_seconds(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    config = GlmConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                       intermediate_size=args.hidden * 3, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                       head_dim=args.hidden // args.heads, pad_token_id=0, eos_token_id=[1])
+    reference = GlmForCausalLM(config).eval()
+    with tempfile.TemporaryDirectory() as path:
+        reference.save_pretrained(path)
+        model = glm_jax.from_pretrained(path)
+
+    prompts = np.random.RandomState(0).randint(2, args.vocab, (args.batch, args.prompt_length))
+    never = args.vocab + 1  # no EOS: both generate exactly new_tokens tokens
+
+    def ours():
+        out = glm_jax.generate(model, prompts, max_new_tokens=args.new_tokens,
+                               temperature=0.0, eos_token_ids=[never])
+        return jax.block_until_ready(out.tokens)
+
+    ids = torch.tensor(prompts)
+
+    def theirs():
+        with torch.no_grad():
+            return reference.generate(ids, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=args.new_tokens,
+                                      min_new_tokens=args.new_tokens, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+
+    start = time.perf_counter()
+    ours()
+    compile_seconds = time.perf_counter() - start
+    theirs()  # warm-up
+    ours_s, theirs_s = best_seconds(ours, args.repeats), best_seconds(theirs, args.repeats)
+    agree = np.mean(np.asarray(ours()) == theirs()[:, args.prompt_length:].numpy())
+
+    tokens = args.batch * args.new_tokens
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / "
+          f"{args.kv_heads} kv heads, vocab {args.vocab}; batch {args.batch}, prompt "
+          f"{args.prompt_length}, {args.new_tokens} new tokens, greedy")
+    print(f"glm_jax.generate : {tokens / ours_s:8.1f} tokens/s ({ours_s:.3f} s; first call "
+          f"with compilation {compile_seconds:.1f} s)")
+    print(f"transformers     : {tokens / theirs_s:8.1f} tokens/s ({theirs_s:.3f} s)")
+    print(f"speed-up         : {theirs_s / ours_s:.2f}x   (greedy tokens identical: "
+          f"{agree:.1%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Generation against full forward passes and against transformers' generate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import glm_jax
+from glm_jax.generation import _generate_jit, filter_logits
+from glm_jax.models import KVCache
+
+NEVER = 10_000  # an EOS id outside the vocab: generate every step
+
+
+@pytest.fixture(scope="module")
+def setup(hf_checkpoint):
+    reference, path = hf_checkpoint("glm")
+    return reference, glm_jax.from_pretrained(path)
+
+
+def left_padded(rows, length):
+    ids = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = row
+        mask[i, length - len(row):] = True
+    return ids, mask
+
+
+def prompts(seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(2, 128, n) for n in (7, 4, 6)]
+
+
+def full_forward_logprobs(model, ids, mask, out):
+    """log_softmax of a full (uncached) forward pass, at the positions that produced each token."""
+    seq = np.concatenate([ids, np.asarray(out.tokens)], axis=1)
+    seq_mask = np.concatenate([mask, np.ones_like(np.asarray(out.tokens), bool)], axis=1)
+    logits = np.asarray(model(seq, seq_mask))[:, ids.shape[1] - 1:-1]
+    return logits, np.asarray(jax.nn.log_softmax(logits))
+
+
+def test_greedy_equals_argmax_of_full_forward_at_every_step(setup):
+    _, model = setup
+    ids, mask = left_padded(prompts(), 8)
+    out = glm_jax.generate(model, ids, mask, max_new_tokens=10, temperature=0.0,
+                           eos_token_ids=[NEVER])
+    logits, _ = full_forward_logprobs(model, ids, mask, out)
+    np.testing.assert_array_equal(np.asarray(out.tokens), logits.argmax(-1))
+    assert np.asarray(out.response_mask).all() and not np.asarray(out.ended_with_eos).any()
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.8), dict(temperature=1.3, top_k=5),
+                                      dict(temperature=1.0, top_p=0.7)])
+def test_logprobs_equal_full_forward_log_softmax(setup, settings):
+    _, model = setup
+    ids, mask = left_padded(prompts(1), 8)
+    out = glm_jax.generate(model, ids, mask, max_new_tokens=12, eos_token_ids=[NEVER], rng=3,
+                           **settings)
+    _, logp = full_forward_logprobs(model, ids, mask, out)
+    tokens = np.asarray(out.tokens)
+    expected = np.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    # Untempered and unfiltered: what the trainer's forward pass will compute.
+    np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=2e-5)
+
+
+def test_cached_logits_equal_uncached(setup):
+    _, model = setup
+    ids, mask = left_padded(prompts(2), 8)
+    new = np.random.RandomState(4).randint(2, 128, (3, 5)).astype(np.int32)
+    seq = np.concatenate([ids, new], axis=1)
+    seq_mask = np.concatenate([mask, np.ones_like(new, bool)], axis=1)
+    full = np.asarray(model(seq, seq_mask))
+
+    cache = KVCache.init(model.config, 3, seq.shape[1])
+    logits, cache = model(ids, mask, cache=cache)  # prefill
+    steps = [np.asarray(logits)]
+    for t in range(new.shape[1]):  # then one token at a time
+        logits, cache = model(new[:, t:t + 1], None, cache=cache)
+        steps.append(np.asarray(logits))
+    cached = np.concatenate(steps, axis=1)
+    np.testing.assert_allclose(cached[mask.nonzero()], full[:, :8][mask.nonzero()], atol=1e-4)
+    np.testing.assert_allclose(cached[:, 8:], full[:, 8:], atol=1e-4)
+
+
+def test_greedy_equals_transformers_generate(setup):
+    reference, model = setup
+    rows = prompts(5)
+    ids, mask = left_padded(rows, 8)
+    out = glm_jax.generate(model, ids, mask, max_new_tokens=16, temperature=0.0,
+                           eos_token_ids=[NEVER])
+    for i, row in enumerate(rows):
+        expected = reference.generate(torch.tensor(row[None]), max_new_tokens=16,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)
+        np.testing.assert_array_equal(np.asarray(out.tokens[i]), expected[0, len(row):].numpy())
+
+
+def test_eos_ends_the_response_and_padding_follows(setup):
+    _, model = setup
+    ids, mask = left_padded(prompts(6), 8)
+    free = np.asarray(glm_jax.generate(model, ids, mask, max_new_tokens=12, temperature=0.0,
+                                       eos_token_ids=[NEVER]).tokens)
+    eos = int(free[0, 3])  # row 0 produces this token at step 3 (first time, or earlier)
+    out = glm_jax.generate(model, ids, mask, max_new_tokens=12, temperature=0.0,
+                           eos_token_ids=[eos], pad_token_id=0)
+    tokens, response = np.asarray(out.tokens), np.asarray(out.response_mask)
+    for i in range(3):
+        hits = np.nonzero(free[i] == eos)[0]
+        end = hits[0] + 1 if len(hits) else 12
+        np.testing.assert_array_equal(tokens[i, :end], free[i, :end])
+        assert response[i].sum() == end and response[i, :end].all()  # EOS itself included
+        assert (tokens[i, end:] == 0).all()
+        assert bool(out.ended_with_eos[i]) == bool(len(hits))
+        assert (np.asarray(out.logprobs)[i, end:] == 0).all()
+    assert out.ended_with_eos[0]
+
+
+def test_early_exit_when_every_row_is_done(setup):
+    _, model = setup
+    ids, mask = left_padded(prompts(7), 8)
+    first = np.asarray(glm_jax.generate(model, ids, mask, max_new_tokens=1,
+                                        temperature=0.0).tokens)[:, 0]
+    out = glm_jax.generate(model, ids, mask, max_new_tokens=50, temperature=0.0,
+                           eos_token_ids=tuple(int(t) for t in set(first)))
+    assert np.asarray(out.response_mask).sum() == 3  # every row stops after its first token
+    assert np.asarray(out.ended_with_eos).all()
+
+
+def np_top_k_top_p_set(logits, top_k, top_p):
+    order = np.argsort(-logits)
+    keep = order[:top_k] if top_k else order
+    probs = np.exp(logits[keep] - logits[keep].max())
+    probs /= probs.sum()
+    cum = np.cumsum(probs)
+    n = int(np.searchsorted(cum, top_p) + 1) if top_p < 1 else len(keep)
+    return set(keep[:n].tolist())
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.6), (10, 0.5), (1, 1.0)])
+def test_filter_logits_keeps_exactly_the_top_k_top_p_set(top_k, top_p):
+    logits = np.random.RandomState(top_k).normal(size=(6, 40)).astype(np.float32) * 2
+    filtered = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p))
+    for row, out in zip(logits, filtered, strict=True):
+        assert set(np.nonzero(np.isfinite(out))[0].tolist()) == np_top_k_top_p_set(row, top_k,
+                                                                                  top_p)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(4, 1.0), (0, 0.5)])
+def test_sampling_never_leaves_the_top_k_top_p_set(setup, top_k, top_p):
+    _, model = setup
+    ids, mask = left_padded(prompts(8) * 4, 8)  # 12 rows
+    out = glm_jax.generate(model, ids, mask, max_new_tokens=10, temperature=1.0, top_k=top_k,
+                           top_p=top_p, eos_token_ids=[NEVER], rng=11)
+    logits, _ = full_forward_logprobs(model, ids, mask, out)
+    tokens = np.asarray(out.tokens)
+    for b in range(tokens.shape[0]):
+        for t in range(tokens.shape[1]):
+            assert tokens[b, t] in np_top_k_top_p_set(logits[b, t], top_k, top_p)
+    assert len(set(tokens[:, 0].tolist())) > 1  # it does sample: rows with equal prompts differ
+
+
+def test_same_shapes_do_not_recompile(setup):
+    _, model = setup
+    ids, mask = left_padded(prompts(9), 8)
+    kwargs = dict(max_new_tokens=6, temperature=0.9, top_k=7, eos_token_ids=[NEVER])
+    glm_jax.generate(model, ids, mask, rng=0, **kwargs)
+    size = _generate_jit._cache_size()
+    other, other_mask = left_padded(prompts(10), 8)
+    a = glm_jax.generate(model, other, other_mask, rng=1, **kwargs)
+    b = glm_jax.generate(model, other, other_mask, rng=2, **kwargs)
+    assert _generate_jit._cache_size() == size
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))  # the key is used
+
+
+def test_generation_on_a_sharded_model_matches(hf_checkpoint):
+    _, path = hf_checkpoint("glm", num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    ids, mask = left_padded(prompts(12) + prompts(13) + prompts(14)[:2], 8)  # 8 rows
+    unsharded = glm_jax.generate(glm_jax.from_pretrained(path), ids, mask, max_new_tokens=8,
+                                 temperature=0.0, eos_token_ids=[NEVER])
+    mesh = glm_jax.make_mesh(glm_jax.MeshConfig(2, 2, 2))
+    model = glm_jax.from_pretrained(path, mesh=mesh)
+    with jax.set_mesh(mesh):
+        sharded = glm_jax.generate(model, ids, mask, max_new_tokens=8, temperature=0.0,
+                                   eos_token_ids=[NEVER])
+    np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(unsharded.tokens))
+    np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(unsharded.logprobs),
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=4, top_p=0.0), "top_p=0.0"),
+    (dict(max_new_tokens=4, temperature=-1.0), "temperature=-1.0"),
+])
+def test_bad_sampling_settings(setup, kwargs, message):
+    _, model = setup
+    with pytest.raises(ValueError, match=message):
+        glm_jax.generate(model, np.ones((1, 3), np.int32), **kwargs)
