@@ -1,5 +1,30 @@
-"""Data utilities: tokenizer wrapper and GLM chat templates."""
+"""Data utilities: tokenizer and GLM chat templates, preference records, cleaning, batching."""
 
+from glm_jax.data.cleaning import (
+    balance_by_length,
+    drop_cycles,
+    drop_ties,
+    format_table,
+    length_bias_by_bucket,
+    preference_stats,
+)
+from glm_jax.data.pipeline import (
+    PreferenceDataset,
+    TokenizationReport,
+    TokenizedPair,
+    preference_batches,
+    tokenize_pair,
+)
+from glm_jax.data.records import (
+    DataError,
+    PreferencePair,
+    PromptExample,
+    ReadReport,
+    Record,
+    SFTExample,
+    read_jsonl,
+    write_jsonl,
+)
 from glm_jax.data.tokenizer import (
     CHATGLM3_TEMPLATE,
     GLM4_TEMPLATE,
@@ -12,6 +37,25 @@ __all__ = [
     "CHATGLM3_TEMPLATE",
     "GLM4_TEMPLATE",
     "ChatTemplate",
+    "DataError",
+    "PreferenceDataset",
+    "PreferencePair",
+    "PromptExample",
+    "ReadReport",
+    "Record",
+    "SFTExample",
+    "TokenizationReport",
+    "TokenizedPair",
     "Tokenizer",
+    "balance_by_length",
+    "drop_cycles",
+    "drop_ties",
     "encode_chat",
+    "format_table",
+    "length_bias_by_bucket",
+    "preference_batches",
+    "preference_stats",
+    "read_jsonl",
+    "tokenize_pair",
+    "write_jsonl",
 ]

@@ -1,0 +1,1 @@
+"""Training programs, one module per stage, and the state, checkpoint and metrics they share."""

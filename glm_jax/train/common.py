@@ -1,0 +1,80 @@
+"""Setup shared by the training programs: mesh, tokenizer and model from a config."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from glm_jax.data.tokenizer import CHATGLM3_TEMPLATE, GLM4_TEMPLATE, ChatTemplate, Tokenizer
+from glm_jax.models.convert import HEADS, from_pretrained
+from glm_jax.models.tiny import tiny_config
+from glm_jax.sharding import MeshConfig, check_model_fits_mesh, make_mesh, shard_state
+
+TEMPLATES = {"glm4": GLM4_TEMPLATE, "chatglm3": CHATGLM3_TEMPLATE}
+
+
+def mesh_from_config(config: ConfigDict) -> Mesh:
+    return make_mesh(MeshConfig(**config.mesh))
+
+
+def template_from_config(config: ConfigDict) -> ChatTemplate:
+    name = config.data.template
+    if name not in TEMPLATES:
+        raise ValueError(f"config.data.template = {name!r}; choose one of {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def tokenizer_from_config(config: ConfigDict) -> Tokenizer:
+    """config.data.tokenizer, else the init checkpoint's tokenizer, else the bundled tiny one."""
+    if config.data.tokenizer:
+        return Tokenizer.from_dir(config.data.tokenizer)
+    if config.model.init_checkpoint:
+        return Tokenizer.from_dir(config.model.init_checkpoint)
+    return Tokenizer.tiny()
+
+
+def model_from_config(config: ConfigDict, head: str, mesh: Mesh) -> nnx.Module:
+    """`head` ("lm", "reward", "value") from config.model.init_checkpoint, or a fresh tiny
+    model (config.model.tiny overrides its fields) when no checkpoint is given."""
+    model_cfg = config.model
+    if model_cfg.init_checkpoint:
+        return from_pretrained(model_cfg.init_checkpoint, dtype=model_cfg.dtype,
+                               param_dtype=model_cfg.param_dtype, mesh=mesh, head=head,
+                               seed=config.seed)
+    glm_config = tiny_config(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+                             **model_cfg.get("tiny", {}))
+    check_model_fits_mesh(glm_config, mesh)
+    model = HEADS[head](glm_config, rngs=nnx.Rngs(config.seed))
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, shard_state(state, mesh))
+
+
+def save_tokenizer(tokenizer: Tokenizer, workdir: str | Path) -> None:
+    """Copies the tokenizer file beside the checkpoints, under the name `Tokenizer.from_dir`
+    looks for, so the workdir is self-contained."""
+    name = "tokenizer.json" if tokenizer.path.suffix == ".json" else "tokenizer.model"
+    shutil.copyfile(tokenizer.path, Path(workdir) / name)
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def save_config(config: ConfigDict, workdir: str | Path) -> None:
+    """Writes the resolved config (after command-line overrides) as `workdir/config.json`."""
+    (Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+
+def load_config(workdir: str | Path) -> ConfigDict:
+    """The config a training run in `workdir` was resolved to."""
+    import json
+
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: is {workdir} a glm_jax training workdir?")
+    return ConfigDict(json.loads(path.read_text()))

@@ -1,0 +1,138 @@
+"""One metrics writer: a stdout summary line, `metrics.jsonl`, and TensorBoard event files.
+
+The event files are written directly (TFRecord framing around hand-encoded `Event` protos), so
+TensorBoard can read them without TensorFlow installed here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(step: int, wall_time: float, *, scalars: Mapping[str, float] | None = None,
+           file_version: str | None = None) -> bytes:
+    """An `tensorflow.Event` proto: wall_time=1 (double), step=2 (int64), file_version=3,
+    summary=5 (Summary{value=1: Value{tag=1 (string), simple_value=2 (float)}})."""
+    out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
+    if file_version is not None:
+        out += _length_delimited(3, file_version.encode())
+    if scalars:
+        values = b"".join(
+            _length_delimited(1, _length_delimited(1, tag.encode()) + b"\x15"
+                              + struct.pack("<f", value))
+            for tag, value in scalars.items())
+        out += _length_delimited(5, values)
+    return out
+
+
+class TensorBoardWriter:
+    """Appends scalar summaries to an `events.out.tfevents.*` file."""
+
+    def __init__(self, logdir: str | Path):
+        logdir = Path(logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.path = logdir / f"events.out.tfevents.{int(time.time())}.glm_jax"
+        self._file = open(self.path, "ab")  # noqa: SIM115 (kept open for the run)
+        self._write(_event(0, time.time(), file_version="brain.Event:2"))
+
+    def _write(self, record: bytes) -> None:
+        header = struct.pack("<Q", len(record))
+        self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + record
+                         + struct.pack("<I", _masked_crc32c(record)))
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        self._write(_event(step, time.time(), scalars=values))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray) or hasattr(value, "__array__"):
+        value = np.asarray(value)
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
+
+
+class MetricsWriter:
+    """Writes each step's metrics to `workdir/metrics.jsonl`, TensorBoard, and (every
+    `print_every` steps) a one-line stdout summary. Only the writing process should create
+    one (process 0 in a multi-host run)."""
+
+    def __init__(self, workdir: str | Path, *, print_every: int = 1, prefix: str = ""):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        self._tensorboard = TensorBoardWriter(self.workdir / "tensorboard")
+        self.print_every = print_every
+        self.prefix = prefix
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        values = {key: _to_python(value) for key, value in metrics.items()}
+        record = {"step": int(step), **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        scalars = {f"{self.prefix}{k}": float(v) for k, v in values.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        self._tensorboard.scalars(int(step), scalars)
+        if self.print_every and step % self.print_every == 0:
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items()
+                              if isinstance(v, int | float))
+            print(f"{self.prefix}step {step}: {shown}", flush=True)
+        return record
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tensorboard.close()
+
+
+def _short(value: float) -> str:
+    if isinstance(value, int) or not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}"

@@ -1,0 +1,357 @@
+"""Reward model training and evaluation (paper 3.3, equations 1-2).
+
+The backbone starts from an SFT (or pretrained) checkpoint with a scalar head read at the last
+real token of prompt + response. Chosen and rejected sequences of a batch go through the model
+in one forward pass; the step is one jitted, sharded program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from glm_jax.data.pipeline import PreferenceDataset, tokenize_pair
+from glm_jax.data.records import PreferencePair, SFTExample, read_jsonl
+from glm_jax.losses import reward_model_loss
+from glm_jax.models.heads import GlmRewardModel
+from glm_jax.sharding import logical_to_spec
+from glm_jax.train.checkpoint import Checkpointer, save_model_config
+from glm_jax.train.common import (
+    is_main_process,
+    mesh_from_config,
+    model_from_config,
+    save_config,
+    save_tokenizer,
+    template_from_config,
+    tokenizer_from_config,
+)
+from glm_jax.train.metrics import MetricsWriter
+from glm_jax.train.state import TrainState, init_train_state, make_optimizer, shardings_of
+
+Batch = Mapping[str, np.ndarray]
+
+
+def pair_rewards(model: GlmRewardModel, batch: Mapping[str, jax.Array]
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Rewards of chosen and rejected, `[batch]` each, from one forward pass over both.
+
+    batch: `chosen_ids`, `chosen_mask`, `rejected_ids`, `rejected_mask`: `[batch, length]`.
+    """
+    ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+    rewards = model(ids, mask)
+    size = batch["chosen_ids"].shape[0]
+    return rewards[:size], rewards[size:]
+
+
+def pair_metrics(chosen: jax.Array, rejected: jax.Array) -> dict[str, jax.Array]:
+    """Accuracy, margin and score statistics of `[batch]` chosen / rejected rewards."""
+    scores = jnp.concatenate([chosen, rejected])
+    return {"accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)),
+            "margin": jnp.mean(chosen - rejected),
+            "chosen_reward": jnp.mean(chosen), "rejected_reward": jnp.mean(rejected),
+            "score_mean": jnp.mean(scores), "score_std": jnp.std(scores)}
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, l2_coef: float, state_sharding: Any,
+                    batch_sharding: Any):
+    """The jitted step `(state, batch) -> (state, metrics)`; the state's buffers are donated."""
+
+    def step(state: TrainState, batch: Mapping[str, jax.Array]):
+        def loss_fn(params):
+            chosen, rejected = pair_rewards(nnx.merge(graphdef, params), batch)
+            return reward_model_loss(chosen, rejected, l2_coef), (chosen, rejected)
+
+        (loss, (chosen, rejected)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": schedule(state.step), **pair_metrics(chosen, rejected)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+def batch_sharding(mesh: Mesh, batch: Batch) -> dict[str, NamedSharding]:
+    """Rows of every batch array split over the data-parallel mesh axes."""
+    return {key: NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (value.ndim - 1),
+                                                     value.shape, mesh))
+            for key, value in batch.items()}
+
+
+def to_device(batch: Batch, shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+    """A global array per key from this process's rows (one process: all rows)."""
+    return {key: jax.make_array_from_process_local_data(shardings[key], np.asarray(value))
+            for key, value in batch.items() if key in shardings}
+
+
+@dataclasses.dataclass
+class PairScores:
+    """Per-pair results of an evaluation: rewards, lengths in tokens and task index."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    chosen_length: np.ndarray
+    rejected_length: np.ndarray
+    task_index: np.ndarray
+
+
+def score_pairs(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], mesh: Mesh,
+                desc: str = "evaluating") -> PairScores:
+    """Runs the reward model over `batches` (each may carry a bool `valid` `[batch]` marking
+    padding rows of a short last batch) and collects per-pair rewards on the host."""
+
+    @jax.jit
+    def forward(params, batch):
+        return pair_rewards(nnx.merge(graphdef, params), batch)
+
+    parts: dict[str, list[np.ndarray]] = {f.name: [] for f in dataclasses.fields(PairScores)}
+    shardings = None
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+        valid = np.asarray(batch.get("valid", np.ones(len(batch["chosen_ids"]), bool)))
+        arrays = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask"))}
+        shardings = shardings or batch_sharding(mesh, arrays)
+        with jax.set_mesh(mesh):
+            chosen, rejected = forward(params, to_device(arrays, shardings))
+        parts["chosen"].append(np.asarray(chosen)[valid])
+        parts["rejected"].append(np.asarray(rejected)[valid])
+        parts["chosen_length"].append(np.asarray(batch["chosen_mask"]).sum(-1)[valid])
+        parts["rejected_length"].append(np.asarray(batch["rejected_mask"]).sum(-1)[valid])
+        parts["task_index"].append(np.asarray(batch.get("task_index",
+                                                        np.full(len(valid), -1)))[valid])
+    return PairScores(**{k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()})
+
+
+def summarize_scores(scores: PairScores, task_names: list[str] | None = None
+                     ) -> dict[str, Any]:
+    """Pairwise accuracy, margin, score mean/std, score-length correlation; overall and per
+    task (`task_names[i]` names task index i)."""
+
+    def summary(sel: np.ndarray) -> dict[str, float]:
+        chosen, rejected = scores.chosen[sel], scores.rejected[sel]
+        all_scores = np.concatenate([chosen, rejected])
+        lengths = np.concatenate([scores.chosen_length[sel], scores.rejected_length[sel]])
+        corr = (float(np.corrcoef(all_scores, lengths)[0, 1])
+                if len(all_scores) > 2 and all_scores.std() > 0 and lengths.std() > 0
+                else float("nan"))
+        return {"pairs": int(sel.sum()), "accuracy": float(np.mean(chosen > rejected)),
+                "margin": float(np.mean(chosen - rejected)),
+                "score_mean": float(all_scores.mean()), "score_std": float(all_scores.std()),
+                "length_correlation": corr}
+
+    everything = np.ones(len(scores.chosen), bool)
+    result: dict[str, Any] = summary(everything) if len(everything) else {"pairs": 0}
+    tasks = {}
+    for index in sorted(set(scores.task_index.tolist())):
+        name = "(none)" if index < 0 else (task_names[index] if task_names else str(index))
+        tasks[name] = summary(scores.task_index == index)
+    result["per_task"] = tasks
+    return result
+
+
+def dataset_from_config(pairs: list[PreferencePair], tokenizer, template, config: ConfigDict,
+                        **kwargs: Any) -> PreferenceDataset:
+    data = config.data
+    return PreferenceDataset(
+        pairs, tokenizer, template, batch_size=config.rm.batch_size,
+        max_prompt_tokens=data.max_prompt_tokens, max_response_tokens=data.max_response_tokens,
+        truncation=data.truncation, **kwargs)
+
+
+def eval_batches(pairs: list[PreferencePair], tokenizer, template, config: ConfigDict
+                 ) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+    """Every pair once, in order, as full batches (the last padded, real rows marked by
+    `valid`), and the task names that `task_index` refers to."""
+    dataset = dataset_from_config(pairs, tokenizer, template, config, shuffle=False,
+                                  num_epochs=1, drop_remainder=False)
+    out = []
+    for batch in dataset:
+        size = len(batch["chosen_ids"])
+        pad = config.rm.batch_size - size
+        padded = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in batch.items()}
+        padded["valid"] = np.arange(config.rm.batch_size) < size
+        out.append(padded)
+    return out, dataset.tasks
+
+
+def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Trains the reward model of `config` in `workdir`, resuming from its latest checkpoint.
+
+    Writes `metrics.jsonl` and TensorBoard events (per step: loss, accuracy, margin, score
+    mean/std, grad norm, learning rate; every `rm.eval_every` steps the same on
+    `rm.eval_file` prefixed `eval_`), orbax checkpoints, `model_config.json` and the
+    tokenizer. Returns the last train and eval metrics.
+    """
+    rm, data = config.rm, config.data
+    if not rm.train_file:
+        raise ValueError("config.rm.train_file is empty: set it to a preference JSONL file "
+                         "(e.g. --config.rm.train_file=data/train.jsonl)")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh_from_config(config)
+    tokenizer, template = tokenizer_from_config(config), template_from_config(config)
+    train_pairs, read_report = read_jsonl(rm.train_file, "preference", on_error=data.on_error)
+    eval_pairs = (read_jsonl(rm.eval_file, "preference", on_error=data.on_error)[0]
+                  if rm.eval_file else [])
+    if read_report.num_skipped:
+        print(f"{rm.train_file}: skipped {read_report.num_skipped} bad lines "
+              f"(first: {read_report.first_skipped_lines})")
+
+    train_data = dataset_from_config(train_pairs, tokenizer, template, config, seed=config.seed,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    print(f"{rm.train_file}: {train_data.report}")
+    train_iter = iter(train_data)
+
+    model = model_from_config(config, "reward", mesh)
+    tx, schedule = make_optimizer(
+        learning_rate=rm.learning_rate, num_steps=rm.num_steps, warmup_steps=rm.warmup_steps,
+        end_lr_ratio=rm.end_lr_ratio, weight_decay=rm.weight_decay,
+        max_grad_norm=rm.max_grad_norm)
+    with jax.set_mesh(mesh):
+        graphdef, state = init_train_state(model, tx)
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=rm.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        state, extra = checkpointer.restore(state)
+        train_iter.set_state(extra["data"])
+        print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
+    if is_main_process():
+        save_config(config, workdir)
+        save_model_config(model.config, workdir)
+        save_tokenizer(tokenizer, workdir)
+    del model
+
+    eval_data = eval_batches(eval_pairs, tokenizer, template, config) if eval_pairs else None
+    writer = MetricsWriter(workdir, print_every=rm.log_every) if is_main_process() else None
+    shardings = None
+    step_fn = None
+    last: dict[str, Any] = {}
+    start = int(state.step)
+    for step in tqdm(range(start, rm.num_steps), initial=start, total=rm.num_steps,
+                     desc="reward model", unit="step"):
+        batch = {k: v for k, v in next(train_iter).items() if k != "task_index"}
+        if step_fn is None:
+            shardings = batch_sharding(mesh, batch)
+            step_fn = make_train_step(graphdef, tx, schedule, rm.l2_coef, shardings_of(state),
+                                      shardings)
+        with jax.set_mesh(mesh):
+            state, metrics = step_fn(state, to_device(batch, shardings))
+        done = step + 1
+        last = {k: float(v) for k, v in metrics.items()}
+        if writer:
+            writer.write(done, last)
+        final = done == rm.num_steps
+        if eval_data and ((rm.eval_every and done % rm.eval_every == 0) or final):
+            batches, task_names = eval_data
+            summary = summarize_scores(score_pairs(graphdef, state.params, batches, mesh),
+                                       task_names)
+            last_eval = {f"eval_{k}": v for k, v in summary.items() if k != "per_task"}
+            last["eval"] = summary
+            if writer:
+                writer.write(done, last_eval)
+        if (rm.checkpoint_every and done % rm.checkpoint_every == 0) or final:
+            checkpointer.save(done, state, {"data": train_iter.get_state()})
+    checkpointer.wait()
+    checkpointer.close()
+    if writer:
+        writer.close()
+    return last
+
+
+def _single_device_mesh() -> Mesh:
+    from glm_jax.sharding import make_mesh
+
+    return make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def evaluate_pairs(model: GlmRewardModel, tokenizer, template, pairs: list[PreferencePair],
+                   config: ConfigDict, mesh: Mesh | None = None) -> dict[str, Any]:
+    """`summarize_scores` of `model` on `pairs` (tokenized as in training)."""
+    batches, tasks = eval_batches(pairs, tokenizer, template, config)
+    graphdef, params = nnx.split(model)
+    return summarize_scores(score_pairs(graphdef, params, batches, mesh or _single_device_mesh()),
+                            tasks)
+
+
+def score_responses(model: GlmRewardModel, tokenizer, template, examples: list[SFTExample],
+                    config: ConfigDict) -> dict[str, np.ndarray]:
+    """Reward of each (prompt, response) example, tokenized and truncated as in training.
+
+    Returns `score` `[n]` float32, `response_length` and `prompt_length` `[n]` (tokens, EOS
+    included) and `task` `[n]` (str; "(none)" where missing).
+    """
+    data, batch_size = config.data, config.rm.batch_size
+    max_length = data.max_prompt_tokens + data.max_response_tokens
+    rows, prompt_lengths, response_lengths = [], [], []
+    for example in examples:
+        as_pair = PreferencePair(prompt=example.prompt, chosen=example.response,
+                                 rejected=example.response, history=example.history)
+        tokens = tokenize_pair(as_pair, tokenizer, template,
+                               max_prompt_tokens=data.max_prompt_tokens,
+                               max_response_tokens=data.max_response_tokens)
+        rows.append(tokens.prompt_ids + tokens.chosen_ids)
+        prompt_lengths.append(len(tokens.prompt_ids))
+        response_lengths.append(len(tokens.chosen_ids))
+
+    forward = jax.jit(lambda graphdef, params, ids, mask: nnx.merge(graphdef, params)(ids, mask),
+                      static_argnums=0)
+    graphdef, params = nnx.split(model)
+    scores = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="scoring", unit="batch",
+                      leave=False):
+        chunk = rows[start:start + batch_size]
+        ids = np.full((batch_size, max_length), tokenizer.pad_token_id, np.int32)
+        mask = np.zeros((batch_size, max_length), bool)
+        for i, row in enumerate(chunk):
+            ids[i, :len(row)], mask[i, :len(row)] = row, True
+        mask[len(chunk):, 0] = True  # padding rows of a short last batch: one dummy token
+        scores.append(np.asarray(forward(graphdef, params, ids, mask))[:len(chunk)])
+    return {"score": np.concatenate(scores) if scores else np.zeros(0, np.float32),
+            "prompt_length": np.asarray(prompt_lengths),
+            "response_length": np.asarray(response_lengths),
+            "task": np.asarray([e.task or "(none)" for e in examples])}
+
+
+def run_eval_cli(config: ConfigDict, workdir: str | Path, *, pairs: str | None = None,
+                 output: str | None = None, responses: str | None = None,
+                 scores_output: str | None = None) -> dict[str, Any]:
+    """What scripts/eval_rm.py does: evaluate on `pairs` and/or score `responses`."""
+    from glm_jax.data.records import write_jsonl
+    from glm_jax.data.tokenizer import Tokenizer
+    from glm_jax.train.checkpoint import load_trained_model
+
+    if not pairs and not responses:
+        raise ValueError("nothing to do: give --pairs and/or --responses")
+    if responses and not scores_output:
+        raise ValueError("--responses needs --scores_output (where to write the scores)")
+    model = load_trained_model(workdir, GlmRewardModel)
+    tokenizer, template = Tokenizer.from_dir(workdir), template_from_config(config)
+    summary: dict[str, Any] = {}
+    if pairs:
+        records, _ = read_jsonl(pairs, "preference", on_error=config.data.on_error)
+        summary = evaluate_pairs(model, tokenizer, template, records, config)
+        if output:
+            Path(output).write_text(json.dumps(summary, indent=2))
+    if responses:
+        examples, _ = read_jsonl(responses, "sft", on_error=config.data.on_error)
+        scored = score_responses(model, tokenizer, template, examples, config)
+        write_jsonl(scores_output, [{**example.to_json(), "score": float(score)}
+                                    for example, score in zip(examples, scored["score"],
+                                                              strict=True)])
+        summary["scored_responses"] = len(examples)
+    return summary

@@ -1,0 +1,142 @@
+"""Reward-model training end to end: learns a separable preference, same loss on any mesh,
+checkpoints that load back, and the scripts around it."""
+
+import json
+import random
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from glm_jax.data.records import PreferencePair, write_jsonl
+from glm_jax.data.tokenizer import GLM4_TEMPLATE, Tokenizer
+from glm_jax.models.heads import GlmRewardModel
+from glm_jax.sharding import MeshConfig, make_mesh
+from glm_jax.train.checkpoint import load_trained_model
+from glm_jax.train.reward import (
+    batch_sharding,
+    make_train_step,
+    pair_rewards,
+    to_device,
+    train_reward_model,
+)
+from glm_jax.train.state import init_train_state, make_optimizer, shardings_of
+
+GOOD = ["great", "correct", "helpful", "clear", "kind", "right"]
+BAD = ["wrong", "rude", "vague", "broken", "false", "lazy"]
+
+
+def separable_pairs(n, seed):
+    """The chosen response uses 'good' words, the rejected one 'bad' words, lengths alike."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        length = rng.randint(2, 6)
+        pairs.append(PreferencePair(
+            prompt=f"question {rng.randint(0, 99)}",
+            chosen=" ".join(rng.choice(GOOD) for _ in range(length)),
+            rejected=" ".join(rng.choice(BAD) for _ in range(length + rng.randint(-1, 1))),
+            task=["alpha", "beta"][i % 2]))
+    return pairs
+
+
+def tiny_rm_config(tmp_path, **rm):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "tiny", Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    write_jsonl(tmp_path / "train.jsonl", separable_pairs(256, seed=0))
+    write_jsonl(tmp_path / "test.jsonl", separable_pairs(64, seed=1))
+    config.rm.train_file = str(tmp_path / "train.jsonl")
+    config.rm.eval_file = str(tmp_path / "test.jsonl")
+    config.data.max_prompt_tokens = 16
+    config.data.max_response_tokens = 24
+    config.rm.update(rm)
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("rm")
+    config = tiny_rm_config(tmp_path, num_steps=60, eval_every=30, checkpoint_every=30,
+                            learning_rate=2e-3)
+    workdir = tmp_path / "workdir"
+    final = train_reward_model(config, workdir)
+    return config, workdir, final
+
+
+def test_reward_model_learns_a_separable_preference(trained):
+    _, workdir, final = trained
+    assert final["eval"]["accuracy"] > 0.9, final["eval"]
+    assert final["eval"]["pairs"] == 64
+    assert set(final["eval"]["per_task"]) == {"alpha", "beta"}
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 61))
+    assert np.mean([r["loss"] for r in train[-10:]]) < np.mean([r["loss"] for r in train[:10]])
+    assert [r["step"] for r in records if "eval_accuracy" in r] == [30, 60]
+
+
+def test_trained_model_loads_back_with_the_same_rewards(trained, tmp_path):
+    config, workdir, final = trained
+    model = load_trained_model(workdir, GlmRewardModel)
+    tokenizer = Tokenizer.from_dir(workdir)
+    from glm_jax.train.reward import eval_batches, score_pairs, summarize_scores
+
+    pairs = separable_pairs(64, seed=1)
+    batches, tasks = eval_batches(pairs, tokenizer, GLM4_TEMPLATE, config)
+    graphdef, params = nnx.split(model)
+    summary = summarize_scores(score_pairs(graphdef, params, batches, make_mesh((1, 1, 1),
+                                                                                jax.devices()[:1])),
+                               tasks)
+    assert summary["accuracy"] == pytest.approx(final["eval"]["accuracy"])
+    assert summary["margin"] == pytest.approx(final["eval"]["margin"], rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+def test_train_step_is_the_same_on_any_mesh(tmp_path, shape):
+    from glm_jax.models.tiny import tiny_config
+
+    config = tiny_rm_config(tmp_path)
+    from glm_jax.train.reward import dataset_from_config
+
+    dataset = dataset_from_config(separable_pairs(32, 0), Tokenizer.tiny(), GLM4_TEMPLATE,
+                                  config, shuffle=False)
+    batch = {k: v for k, v in dataset[0].items() if k != "task_index"}
+
+    def two_steps(mesh):
+        model = GlmRewardModel(tiny_config(), rngs=nnx.Rngs(0))
+        from glm_jax.sharding import shard_state
+
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, shard_state(state, mesh))
+        tx, schedule = make_optimizer(learning_rate=1e-3, num_steps=10)
+        with jax.set_mesh(mesh):
+            graphdef, train_state = init_train_state(model, tx)
+            shardings = batch_sharding(mesh, batch)
+            step = make_train_step(graphdef, tx, schedule, 0.01, shardings_of(train_state),
+                                   shardings)
+            losses = []
+            for _ in range(2):
+                train_state, metrics = step(train_state, to_device(batch, shardings))
+                losses.append(float(metrics["loss"]))
+            rewards = pair_rewards(nnx.merge(graphdef, train_state.params),
+                                   to_device(batch, shardings))
+        return losses, np.asarray(rewards[0])
+
+    ref_losses, ref_rewards = two_steps(make_mesh((1, 1, 1), jax.devices()[:1]))
+    losses, rewards = two_steps(make_mesh(MeshConfig(*shape)))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(rewards, ref_rewards, atol=1e-5)
+
+
+def test_missing_train_file_is_a_clear_error(tmp_path):
+    config = tiny_rm_config(tmp_path)
+    config.rm.train_file = ""
+    with pytest.raises(ValueError, match="config.rm.train_file is empty"):
+        train_reward_model(config, tmp_path / "w")
