@@ -11,7 +11,6 @@ from glm_jax.data import (
     PreferencePair,
     Tokenizer,
     encode_chat,
-    preference_batches,
     tokenize_pair,
 )
 
@@ -171,8 +170,7 @@ def test_max_length(tokenizer):
 def test_same_seed_same_batches_different_seed_different_order(tokenizer):
     pairs = make_pairs(16)
     a = take(iter(build(pairs, tokenizer, seed=7)), 10)  # crosses epoch boundaries
-    b = take(preference_batches(pairs, tokenizer, GLM4_TEMPLATE, batch_size=4,
-                                max_prompt_tokens=48, max_response_tokens=16, seed=7), 10)
+    b = take(iter(build(pairs, tokenizer, seed=7)), 10)  # a fresh dataset, same seed
     assert_batches_equal(a, b)
     c = take(iter(build(pairs, tokenizer, seed=8)), 10)
     assert not all(np.array_equal(x["chosen_ids"], y["chosen_ids"])
@@ -235,3 +233,24 @@ def test_invalid_sharding_arguments(tokenizer):
         build(pairs, tokenizer, process_count=2, drop_remainder=False)
     with pytest.raises(ValueError, match="no preference pairs"):
         build([PreferencePair("q", "a " * 50, "b")], tokenizer, truncation="drop")
+
+
+def test_tokenize_record_follows_the_pair_rules_for_every_kind(tokenizer):
+    from glm_jax.data import PromptExample, SFTExample, tokenize_record
+
+    pair = PreferencePair(prompt="word " * 40, chosen="long answer " * 20, rejected="no",
+                          history=(("hi", "hello"),))
+    limits = dict(max_prompt_tokens=24, max_response_tokens=12)
+    tokens = tokenize_pair(pair, tokenizer, GLM4_TEMPLATE, **limits)
+    as_pair = tokenize_record(pair, tokenizer, GLM4_TEMPLATE, **limits)
+    assert as_pair == {"prompt": tokens.prompt_ids, "chosen": tokens.chosen_ids,
+                       "rejected": tokens.rejected_ids}
+    sft = tokenize_record(SFTExample(pair.prompt, pair.chosen, pair.history), tokenizer,
+                          GLM4_TEMPLATE, **limits)
+    assert sft == {"prompt": tokens.prompt_ids, "response": tokens.chosen_ids}
+    assert len(sft["prompt"]) == 24 and sft["response"][-1] == tokenizer.eos_token_ids[0]
+    prompt = tokenize_record(PromptExample(pair.prompt, pair.history), tokenizer,
+                             GLM4_TEMPLATE, **limits)
+    assert prompt == {"prompt": tokens.prompt_ids}
+    assert tokenize_record(SFTExample(pair.prompt, "x"), tokenizer, GLM4_TEMPLATE,
+                           truncation="drop", **limits) is None

@@ -12,8 +12,8 @@ from glm_jax.data.pipeline import (
     PreferenceDataset,
     TokenizationReport,
     TokenizedPair,
-    preference_batches,
     tokenize_pair,
+    tokenize_record,
 )
 from glm_jax.data.records import (
     DataError,
@@ -53,9 +53,9 @@ __all__ = [
     "encode_chat",
     "format_table",
     "length_bias_by_bucket",
-    "preference_batches",
     "preference_stats",
     "read_jsonl",
     "tokenize_pair",
+    "tokenize_record",
     "write_jsonl",
 ]

@@ -14,7 +14,7 @@ from typing import Literal
 import grain
 import numpy as np
 
-from glm_jax.data.records import PreferencePair
+from glm_jax.data.records import PreferencePair, PromptExample, SFTExample
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer, encode_chat
 
 Truncation = Literal["truncate", "drop"]
@@ -58,16 +58,20 @@ def _check_limits(tokenizer: Tokenizer, template: ChatTemplate, max_prompt_token
     return num_prefix
 
 
-def _tokenize(
-    pair: PreferencePair, tokenizer: Tokenizer, template: ChatTemplate, num_prefix: int,
-    max_prompt_tokens: int, max_response_tokens: int, truncation: Truncation,
-) -> tuple[TokenizedPair | None, int, int]:
-    """(tokenized pair or None if dropped, prompts truncated, responses truncated)."""
-    prompt = encode_chat(tokenizer, template, pair.prompt, pair.history)
+def _tokenize_parts(
+    prompt_text: str, history, responses: Sequence[str], tokenizer: Tokenizer,
+    template: ChatTemplate, num_prefix: int, max_prompt_tokens: int, max_response_tokens: int,
+    truncation: Truncation,
+) -> tuple[tuple[list[int], list[list[int]]] | None, int, int]:
+    """((prompt ids, response ids) or None if dropped, prompts truncated, responses truncated).
+
+    Every response ends with EOS.
+    """
+    prompt = encode_chat(tokenizer, template, prompt_text, history)
     eos = tokenizer.eos_token_ids[0]
-    responses = [tokenizer.encode(r) + [eos] for r in (pair.chosen, pair.rejected)]
+    encoded = [tokenizer.encode(r) + [eos] for r in responses]
     prompt_over = len(prompt) > max_prompt_tokens
-    responses_over = [len(r) > max_response_tokens for r in responses]
+    responses_over = [len(r) > max_response_tokens for r in encoded]
     if truncation == "drop":
         if prompt_over or any(responses_over):
             return None, 0, 0
@@ -78,12 +82,53 @@ def _tokenize(
         # dialogue turns matter least for judging the final response.
         keep = max_prompt_tokens - num_prefix
         prompt = prompt[:num_prefix] + prompt[-keep:]
-    responses = [r[: max_response_tokens - 1] + [eos] if over else r
-                 for r, over in zip(responses, responses_over, strict=True)]
-    tokenized = TokenizedPair(prompt, responses[0], responses[1], pair.task,
-                              prompt_truncated=prompt_over,
-                              response_truncated=any(responses_over))
-    return tokenized, int(prompt_over), sum(responses_over)
+    encoded = [r[: max_response_tokens - 1] + [eos] if over else r
+               for r, over in zip(encoded, responses_over, strict=True)]
+    return (prompt, encoded), int(prompt_over), sum(responses_over)
+
+
+def _tokenize(
+    pair: PreferencePair, tokenizer: Tokenizer, template: ChatTemplate, num_prefix: int,
+    max_prompt_tokens: int, max_response_tokens: int, truncation: Truncation,
+) -> tuple[TokenizedPair | None, int, int]:
+    """(tokenized pair or None if dropped, prompts truncated, responses truncated)."""
+    parts, n_prompt, n_responses = _tokenize_parts(
+        pair.prompt, pair.history, (pair.chosen, pair.rejected), tokenizer, template,
+        num_prefix, max_prompt_tokens, max_response_tokens, truncation)
+    if parts is None:
+        return None, 0, 0
+    prompt, (chosen, rejected) = parts
+    tokenized = TokenizedPair(prompt, chosen, rejected, pair.task,
+                              prompt_truncated=bool(n_prompt),
+                              response_truncated=bool(n_responses))
+    return tokenized, n_prompt, n_responses
+
+
+def tokenize_record(
+    record: PreferencePair | SFTExample | PromptExample,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    *,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    truncation: Truncation = "truncate",
+) -> dict[str, list[int]] | None:
+    """Token ids of any record kind, by the same rules as `tokenize_pair`: `prompt` always,
+    `chosen` and `rejected` for a preference pair, `response` for an SFT example. None when
+    `truncation="drop"` and the record is too long."""
+    num_prefix = _check_limits(tokenizer, template, max_prompt_tokens, max_response_tokens)
+    if isinstance(record, PreferencePair):
+        names, texts = ("chosen", "rejected"), (record.chosen, record.rejected)
+    elif isinstance(record, SFTExample):
+        names, texts = ("response",), (record.response,)
+    else:
+        names, texts = (), ()
+    parts, _, _ = _tokenize_parts(record.prompt, record.history, texts, tokenizer, template,
+                                  num_prefix, max_prompt_tokens, max_response_tokens, truncation)
+    if parts is None:
+        return None
+    prompt, responses = parts
+    return {"prompt": prompt, **dict(zip(names, responses, strict=True))}
 
 
 def tokenize_pair(
@@ -220,32 +265,3 @@ class PreferenceDataset:
         # Rows are cheap to pad (tokenization is done), so one reader thread is plenty.
         options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
         return self._dataset.to_iter_dataset(options).__iter__()
-
-
-def preference_batches(
-    pairs: Sequence[PreferencePair],
-    tokenizer: Tokenizer,
-    template: ChatTemplate,
-    *,
-    batch_size: int,
-    max_prompt_tokens: int,
-    max_response_tokens: int,
-    max_length: int | None = None,
-    truncation: Truncation = "truncate",
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    drop_remainder: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.DatasetIterator:
-    """A resumable iterator over ``PreferenceDataset(...)`` batches (see there for the layout).
-
-    Use ``PreferenceDataset`` directly to also get ``tasks`` and the truncation ``report``.
-    """
-    dataset = PreferenceDataset(
-        pairs, tokenizer, template, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
-        max_response_tokens=max_response_tokens, max_length=max_length, truncation=truncation,
-        seed=seed, shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder,
-        process_index=process_index, process_count=process_count)
-    return iter(dataset)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from glm_jax.data.pipeline import PreferenceDataset, tokenize_pair
+from glm_jax.data.pipeline import PreferenceDataset, tokenize_record
 from glm_jax.data.records import PreferencePair, SFTExample, read_jsonl
 from glm_jax.losses import reward_model_loss
 from glm_jax.models.heads import GlmRewardModel
@@ -299,14 +299,12 @@ def score_responses(model: GlmRewardModel, tokenizer, template, examples: list[S
     max_length = data.max_prompt_tokens + data.max_response_tokens
     rows, prompt_lengths, response_lengths = [], [], []
     for example in examples:
-        as_pair = PreferencePair(prompt=example.prompt, chosen=example.response,
-                                 rejected=example.response, history=example.history)
-        tokens = tokenize_pair(as_pair, tokenizer, template,
-                               max_prompt_tokens=data.max_prompt_tokens,
-                               max_response_tokens=data.max_response_tokens)
-        rows.append(tokens.prompt_ids + tokens.chosen_ids)
-        prompt_lengths.append(len(tokens.prompt_ids))
-        response_lengths.append(len(tokens.chosen_ids))
+        tokens = tokenize_record(example, tokenizer, template,
+                                 max_prompt_tokens=data.max_prompt_tokens,
+                                 max_response_tokens=data.max_response_tokens)
+        rows.append(tokens["prompt"] + tokens["response"])
+        prompt_lengths.append(len(tokens["prompt"]))
+        response_lengths.append(len(tokens["response"]))
 
     forward = jax.jit(lambda graphdef, params, ids, mask: nnx.merge(graphdef, params)(ids, mask),
                       static_argnums=0)
