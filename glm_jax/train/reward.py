@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,17 @@ def pair_rewards(model: GlmRewardModel, batch: Mapping[str, jax.Array]
     rewards = model(ids, mask)
     size = batch["chosen_ids"].shape[0]
     return rewards[:size], rewards[size:]
+
+
+# Module-level jits keyed by the (static) graph: evaluations reuse one compiled program.
+@partial(jax.jit, static_argnums=0)
+def _pair_rewards_jit(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array]):
+    return pair_rewards(nnx.merge(graphdef, params), batch)
+
+
+@partial(jax.jit, static_argnums=0)
+def _rewards_jit(graphdef: nnx.GraphDef, params: Any, ids: jax.Array, mask: jax.Array):
+    return nnx.merge(graphdef, params)(ids, mask)
 
 
 def pair_metrics(chosen: jax.Array, rejected: jax.Array) -> dict[str, jax.Array]:
@@ -116,10 +128,6 @@ def score_pairs(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], m
     """Runs the reward model over `batches` (each may carry a bool `valid` `[batch]` marking
     padding rows of a short last batch) and collects per-pair rewards on the host."""
 
-    @jax.jit
-    def forward(params, batch):
-        return pair_rewards(nnx.merge(graphdef, params), batch)
-
     parts: dict[str, list[np.ndarray]] = {f.name: [] for f in dataclasses.fields(PairScores)}
     shardings = None
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
@@ -127,7 +135,7 @@ def score_pairs(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], m
         arrays = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask"))}
         shardings = shardings or batch_sharding(mesh, arrays)
         with jax.set_mesh(mesh):
-            chosen, rejected = forward(params, to_device(arrays, shardings))
+            chosen, rejected = _pair_rewards_jit(graphdef, params, to_device(arrays, shardings))
         parts["chosen"].append(np.asarray(chosen)[valid])
         parts["rejected"].append(np.asarray(rejected)[valid])
         parts["chosen_length"].append(np.asarray(batch["chosen_mask"]).sum(-1)[valid])
@@ -306,8 +314,6 @@ def score_responses(model: GlmRewardModel, tokenizer, template, examples: list[S
         prompt_lengths.append(len(tokens["prompt"]))
         response_lengths.append(len(tokens["response"]))
 
-    forward = jax.jit(lambda graphdef, params, ids, mask: nnx.merge(graphdef, params)(ids, mask),
-                      static_argnums=0)
     graphdef, params = nnx.split(model)
     scores = []
     for start in tqdm(range(0, len(rows), batch_size), desc="scoring", unit="batch",
@@ -318,7 +324,7 @@ def score_responses(model: GlmRewardModel, tokenizer, template, examples: list[S
         for i, row in enumerate(chunk):
             ids[i, :len(row)], mask[i, :len(row)] = row, True
         mask[len(chunk):, 0] = True  # padding rows of a short last batch: one dummy token
-        scores.append(np.asarray(forward(graphdef, params, ids, mask))[:len(chunk)])
+        scores.append(np.asarray(_rewards_jit(graphdef, params, ids, mask))[:len(chunk)])
     return {"score": np.concatenate(scores) if scores else np.zeros(0, np.float32),
             "prompt_length": np.asarray(prompt_lengths),
             "response_length": np.asarray(response_lengths),
