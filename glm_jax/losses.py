@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 
@@ -20,3 +22,298 @@ def reward_model_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array,
     rejected = rejected_rewards.astype(jnp.float32)
     pairwise = -jax.nn.log_sigmoid(chosen - rejected)
     return jnp.mean(pairwise + l2_coef * (chosen**2 + rejected**2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy optimisation (paper 3.4): SFT regulariser (eq. 6), DPO (eq. 7), KL penalty (eq. 4-5),
+# PPO with GAE. Token contract: a response's mask covers its tokens up to and including EOS and
+# no padding. Every average runs over the whole array it is given, which under jit is the global
+# batch, so the value does not depend on how the batch is sharded. Masked-out entries are
+# replaced by 0 with `jnp.where` *before* any arithmetic: garbage (even NaN/inf) in padding can
+# then reach neither the value nor the gradient (a multiply by the mask would let NaN through).
+# ---------------------------------------------------------------------------------------------
+
+KLKind = Literal["k1", "k2", "k3"]
+_KL_KINDS = ("k1", "k2", "k3")
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _bool(mask: jax.Array) -> jax.Array:
+    return jnp.asarray(mask).astype(jnp.bool_)
+
+
+def _check_shapes(name: str, *arrays: jax.Array) -> None:
+    # Shapes are static under jit, so this costs nothing and catches silent broadcasting
+    # (e.g. a `[batch]` array against `[batch, length]`).
+    shapes = {jnp.shape(a) for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"{name}: arguments must share one shape, got {sorted(shapes)}")
+
+
+def _token_count(mask: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
+    # max(count, 1): an empty mask gives 0 (the masked sum is 0), never 0/0 = NaN.
+    return jnp.maximum(jnp.sum(mask, axis=axis, dtype=jnp.float32), 1.0)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array,
+                axis: int | tuple[int, ...] | None = None) -> jax.Array:
+    """Mean of `x` over the entries where `mask` is true.
+
+    x: any shape, any float dtype (computed in float32). mask: same shape as `x`, bool (or 0/1).
+    axis: None reduces everything (under jit: the whole global batch), else the given axes.
+    Returns float32 with `axis` reduced; 0 where the mask selects nothing.
+    """
+    x, mask = _f32(x), _bool(mask)
+    _check_shapes("masked_mean", x, mask)
+    return jnp.sum(jnp.where(mask, x, 0.0), axis=axis) / _token_count(mask, axis)
+
+
+def masked_var(x: jax.Array, mask: jax.Array, unbiased: bool = True) -> jax.Array:
+    """Variance of `x` over the entries where `mask` is true (all of them, one scalar).
+
+    x: any shape, float (computed in float32). mask: same shape as `x`, bool.
+    unbiased: divide by `count - 1` (Bessel) instead of `count`; with a single masked entry the
+    divisor is clamped to 1 (a jitted function cannot raise on a data-dependent count).
+    Returns a float32 scalar.
+    """
+    x, mask = _f32(x), _bool(mask)
+    mean = masked_mean(x, mask)
+    # Centre only the masked entries; padding never enters the sum of squares.
+    centred = jnp.where(mask, x - mean, 0.0)
+    count = jnp.sum(mask, dtype=jnp.float32)
+    divisor = jnp.maximum(count - 1.0, 1.0) if unbiased else jnp.maximum(count, 1.0)
+    return jnp.sum(centred**2) / divisor
+
+
+def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True,
+                  eps: float = 1e-8) -> jax.Array:
+    """Normalise `x` to mean 0, std 1 over the masked entries; unmasked entries become 0.
+
+    Statistics come from the masked entries of the whole array (= the global batch under jit);
+    trlx whitened over padding too. The variance is the unbiased one (Bessel), so the masked
+    entries of the result have sample std (ddof=1) 1.
+
+    x: any shape, float (computed in float32). mask: same shape as `x`, bool.
+    shift_mean: if False the mean is added back (only rescale: keeps the sign of the advantages).
+    eps: added to the variance before the square root.
+    Returns float32, same shape as `x`.
+    """
+    x, mask = _f32(x), _bool(mask)
+    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=True)
+    whitened = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return jnp.where(mask, whitened, 0.0)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Log-probability of each token under its (untempered) logits, in float32.
+
+    logits: `[batch, length, vocab]`, any float dtype, already aligned with `tokens` (the
+    caller shifts). tokens: `[batch, length]`, int, in `[0, vocab)`.
+    Returns `[batch, length]` float32, `log_softmax(logits)[..., token]`.
+    """
+    logits = _f32(logits)  # bf16 log-probs make DPO/PPO ratios NaN-prone: always float32
+    picked = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # logit[token] - logsumexp(logits) == log_softmax gathered at token, without materialising
+    # a second `[batch, length, vocab]` array.
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sequence_logprobs(token_logps: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum of the masked per-token log-probs of each sequence: log pi(y|x).
+
+    token_logps: `[batch, length]` float. mask: `[batch, length]` bool (the response tokens).
+    Returns `[batch]` float32.
+    """
+    token_logps, mask = _f32(token_logps), _bool(mask)
+    _check_shapes("sequence_logprobs", token_logps, mask)
+    return jnp.sum(jnp.where(mask, token_logps, 0.0), axis=-1)
+
+
+def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean next-token negative log-likelihood over the masked positions (paper eq. 6 term).
+
+    logits: `[batch, length, vocab]`, any float dtype (log_softmax runs in float32), aligned
+    with `targets` (position t predicts targets[t]; the caller shifts).
+    targets: `[batch, length]` int; values at unmasked positions are ignored (may be -100).
+    loss_mask: `[batch, length]` bool, true where the target counts.
+    Returns a float32 scalar: sum of NLL / max(global count of masked tokens, 1).
+    """
+    loss_mask = _bool(loss_mask)
+    _check_shapes("sft_loss", targets, loss_mask)
+    # Ignored targets may be out of range (-100); gathering them would give NaN/garbage.
+    safe_targets = jnp.where(loss_mask, targets, 0)
+    nll = -token_logprobs(logits, safe_targets)
+    return masked_mean(nll, loss_mask)
+
+
+def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
+             ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array,
+             beta: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """DPO loss, paper eq. (7), averaged over the (global) batch of preference pairs.
+
+    All four log-prob arguments: `[batch]` float (computed in float32), sequence log-probs
+    log pi(y|x) of the chosen (y_w) / rejected (y_l) response under the policy / the frozen
+    reference pi_0 (see `sequence_logprobs`). beta: the KL-strength temperature.
+    Returns (loss: float32 scalar, chosen_rewards: `[batch]` float32,
+    rejected_rewards: `[batch]` float32); the rewards are the implicit rewards
+    beta * (log pi - log pi_0), gradient-stopped (they are for logging).
+    """
+    _check_shapes("dpo_loss", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                  ref_rejected_logps)
+    chosen = beta * (_f32(policy_chosen_logps) - _f32(ref_chosen_logps))
+    rejected = beta * (_f32(policy_rejected_logps) - _f32(ref_rejected_logps))
+    # -log_sigmoid is softplus(-z): stable for any margin, and exactly ln 2 at z = 0.
+    loss = jnp.mean(-jax.nn.log_sigmoid(chosen - rejected))
+    return loss, jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
+
+
+def kl_penalty(logps: jax.Array, ref_logps: jax.Array, kind: KLKind,
+               clamp: float = 10.0) -> jax.Array:
+    """Per-token estimator of KL(pi || pi_ref) from tokens sampled from pi (paper eq. 4-5).
+
+    logps, ref_logps: `[batch, length]` float (computed in float32), log-probs of the sampled
+    tokens under the policy and the reference model.
+    kind: "k1" = log r with log r = logps - ref_logps (unbiased, can be negative);
+    "k2" = 0.5 * (log r)^2 (biased, low variance); "k3" = exp(-log r) - 1 + log r
+    (Schulman's unbiased, low-variance, always >= 0 estimator).
+    clamp: the log-ratio is clamped to [-clamp, clamp] before use (exp cannot overflow) and the
+    result is clamped to [-clamp, clamp] as well.
+    Returns `[batch, length]` float32; the caller masks it.
+    """
+    if kind not in _KL_KINDS:
+        raise ValueError(f"unknown KL estimator kind {kind!r}; valid kinds: {_KL_KINDS}")
+    _check_shapes("kl_penalty", logps, ref_logps)
+    log_ratio = jnp.clip(_f32(logps) - _f32(ref_logps), -clamp, clamp)
+    if kind == "k1":
+        kl = log_ratio
+    elif kind == "k2":
+        kl = 0.5 * log_ratio**2
+    else:
+        # exp(d) - 1 - d with d = ref - logps; expm1 keeps precision for small d.
+        neg = -log_ratio
+        kl = jnp.expm1(neg) - neg
+    return jnp.clip(kl, -clamp, clamp)
+
+
+def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float,
+        lam: float) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over the response tokens.
+
+    rewards: `[batch, length]` float, the per-token reward (KL penalty on every token, score on
+    the EOS token). values: `[batch, length]` float, the critic's V(s_t). mask: `[batch,
+    length]` bool, the response tokens (a contiguous run, normally from position 0 to EOS
+    inclusive, possibly the whole row). gamma: discount. lam: GAE lambda.
+    The value after the last masked token is 0 (the episode ends at EOS, or at the length
+    limit: truncated rows are not bootstrapped, the config decides their penalty instead).
+    Returns (advantages, returns), both `[batch, length]` float32; 0 outside the mask, and
+    returns = advantages + values on the mask.
+    """
+    _check_shapes("gae", rewards, values, mask)
+    mask = _bool(mask)
+    rewards = jnp.where(mask, _f32(rewards), 0.0)
+    values = jnp.where(mask, _f32(values), 0.0)
+
+    def step(carry, xs):
+        next_value, next_adv = carry
+        reward, value, live = xs
+        delta = reward + gamma * next_value - value
+        adv = delta + gamma * lam * next_adv
+        # Outside the mask the episode has ended: reset the carry so the last masked token
+        # sees next value 0 and next advantage 0 (also right for several runs in one row).
+        adv = jnp.where(live, adv, 0.0)
+        return (jnp.where(live, value, 0.0), adv), adv
+
+    batch = rewards.shape[0]
+    init = (jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.float32))
+    # Scan over time (axis 1 -> leading axis), from the last position to the first.
+    _, adv_t = jax.lax.scan(step, init, (rewards.T, values.T, mask.T), reverse=True)
+    advantages = adv_t.T
+    returns = jnp.where(mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+def ppo_policy_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array,
+                    mask: jax.Array, clip_ratio: float,
+                    log_ratio_clamp: float = 20.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped PPO surrogate loss, averaged over the global count of response tokens.
+
+    logps: `[batch, length]` float, log-probs of the taken tokens under the current policy
+    (differentiated). old_logps: `[batch, length]` float, the same under the sampling policy.
+    advantages: `[batch, length]` float (e.g. whitened GAE). mask: `[batch, length]` bool, the
+    response tokens. clip_ratio: eps of the ratio clip [1 - eps, 1 + eps].
+    log_ratio_clamp: the log-ratio is clamped to [-c, c] before exp (no overflow to inf).
+    Returns (loss: float32 scalar, stats) with float32 scalar stats, gradient-stopped:
+    `clip_fraction` (masked fraction of tokens where the clipped branch is the larger loss),
+    `approx_kl` (masked mean of the k3 estimator (ratio - 1) - log ratio: unbiased for
+    KL(pi_old || pi) on tokens sampled from pi_old, always >= 0), `ratio_mean` (masked mean).
+    """
+    _check_shapes("ppo_policy_loss", logps, old_logps, advantages, mask)
+    mask = _bool(mask)
+    logps = jnp.where(mask, _f32(logps), 0.0)
+    old_logps = jnp.where(mask, _f32(old_logps), 0.0)
+    advantages = jnp.where(mask, _f32(advantages), 0.0)
+
+    log_ratio = jnp.clip(logps - old_logps, -log_ratio_clamp, log_ratio_clamp)
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
+    # Pessimistic bound: the larger loss. It is `clipped` exactly when the ratio has left the
+    # trust region in the direction the advantage pushes it (A > 0 and ratio > 1 + eps, or
+    # A < 0 and ratio < 1 - eps); there the gradient is 0.
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+
+    stats = {
+        "clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
+        "ratio_mean": masked_mean(ratio, mask),
+    }
+    return loss, jax.lax.stop_gradient(stats)
+
+
+def ppo_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array,
+                   mask: jax.Array,
+                   clip_value: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped value loss, averaged over the global count of response tokens.
+
+    values: `[batch, length]` float, the critic's current predictions (differentiated).
+    old_values: `[batch, length]` float, the predictions made at rollout time.
+    returns: `[batch, length]` float, the GAE returns. mask: `[batch, length]` bool.
+    clip_value: c; the new prediction may move at most c from the old one before clipping.
+    Per token 0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped = old + clip(v - old, -c, c).
+    Returns (loss: float32 scalar, stats) with `value_clip_fraction` (masked fraction of tokens
+    where the clipped branch is the larger loss), a gradient-stopped float32 scalar.
+    """
+    _check_shapes("ppo_value_loss", values, old_values, returns, mask)
+    mask = _bool(mask)
+    values = jnp.where(mask, _f32(values), 0.0)
+    old_values = jnp.where(mask, _f32(old_values), 0.0)
+    returns = jnp.where(mask, _f32(returns), 0.0)
+
+    v_clipped = old_values + jnp.clip(values - old_values, -clip_value, clip_value)
+    unclipped = (values - returns) ** 2
+    clipped = (v_clipped - returns) ** 2
+    loss = masked_mean(0.5 * jnp.maximum(unclipped, clipped), mask)
+    stats = {"value_clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask)}
+    return loss, jax.lax.stop_gradient(stats)
+
+
+def entropy_from_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean of the per-token entropy of the softmax over `logits`, in float32.
+
+    logits: `[batch, length, vocab]`, any float dtype; -inf entries (banned tokens) are fine.
+    mask: `[batch, length]` bool, the tokens to average over.
+    Returns a float32 scalar (nats).
+    """
+    _check_shapes("entropy_from_logits", logits[..., 0], mask)
+    logp = jax.nn.log_softmax(_f32(logits), axis=-1)
+    probs = jnp.exp(logp)
+    # A -inf logit has p = 0 and logp = -inf: 0 * -inf would be NaN (also in the gradient), so
+    # zero logp there first; the term's limit p*log p -> 0 is the right value.
+    safe_logp = jnp.where(probs > 0, logp, 0.0)
+    entropy = -jnp.sum(probs * safe_logp, axis=-1)
+    return masked_mean(entropy, mask)
