@@ -21,6 +21,12 @@ def get_config() -> ConfigDict:
     config.data = ConfigDict(dict(tokenizer="", template="glm4", max_prompt_tokens=64,
                                   max_response_tokens=64, truncation="truncate",
                                   on_error="raise"))
+    # Supervised fine-tuning: loss on response tokens only; the result is exported to
+    # WORKDIR/hf for the later stages' model.init_checkpoint.
+    config.sft = ConfigDict(dict(
+        train_file="", eval_file="", batch_size=16, num_steps=200, learning_rate=1e-3,
+        warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0,
+        eval_every=100, checkpoint_every=100, keep_checkpoints=2, log_every=10))
     # Reward model (paper eq. 1-2): l2_coef is the lambda of eq. 2.
     config.rm = ConfigDict(dict(
         train_file="", eval_file="", batch_size=16, num_steps=200, learning_rate=1e-3,

@@ -10,6 +10,7 @@ from glm_jax.data.cleaning import (
 )
 from glm_jax.data.pipeline import (
     PreferenceDataset,
+    SFTDataset,
     TokenizationReport,
     TokenizedPair,
     tokenize_pair,
@@ -39,6 +40,7 @@ __all__ = [
     "ChatTemplate",
     "DataError",
     "PreferenceDataset",
+    "SFTDataset",
     "PreferencePair",
     "PromptExample",
     "ReadReport",

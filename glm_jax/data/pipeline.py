@@ -151,7 +151,51 @@ def tokenize_pair(
                      max_response_tokens, truncation)[0]
 
 
-class PreferenceDataset:
+class _BatchedDataset:
+    """The grain chain both datasets share: kept rows -> shuffle(seed) -> repeat(num_epochs)
+    -> encode -> batch, with this process's share of every global batch."""
+
+    def _batch(self, kept: list, encode, *, batch_size: int, seed: int, shuffle: bool,
+               num_epochs: int | None, drop_remainder: bool, process_index: int,
+               process_count: int) -> None:
+        rows = grain.MapDataset.source(kept)
+        if shuffle:
+            rows = rows.shuffle(seed=seed)
+        rows = rows.repeat(num_epochs)
+        if drop_remainder:
+            # Cut to whole global batches first so that every process drops the same tail.
+            rows = rows[: len(rows) // batch_size * batch_size]
+        rows = rows.map(encode)
+        # Global batch k is local chunks k*n .. k*n+n-1 of b = batch_size / n rows each; this
+        # process takes chunk k*n + process_index.
+        local = batch_size // process_count
+        chunks = rows.batch(local, drop_remainder=drop_remainder)
+        self._dataset: grain.MapDataset = chunks[process_index::process_count]
+        self.num_batches: int | None = None if num_epochs is None else len(self._dataset)
+
+    def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+        """The local batch of step ``step`` (random access, same as the iterator's)."""
+        return self._dataset[step]
+
+    def __iter__(self) -> grain.DatasetIterator:
+        # Rows are cheap to pad (tokenization is done), so one reader thread is plenty.
+        options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
+        return self._dataset.to_iter_dataset(options).__iter__()
+
+
+def _check_batching(batch_size: int, drop_remainder: bool, process_index: int,
+                    process_count: int) -> None:
+    if batch_size < 1 or batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
+                         f"process_count={process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    if process_count > 1 and not drop_remainder:
+        # A partial last batch would give the processes different numbers of steps.
+        raise ValueError("drop_remainder=False is not supported with process_count > 1")
+
+
+class PreferenceDataset(_BatchedDataset):
     """Batches of (chosen, rejected) rows for reward-model training, built on ``grain``.
 
     Pipeline: kept pairs -> shuffle(seed) -> repeat(num_epochs) -> rows -> batch. Each element
@@ -186,14 +230,7 @@ class PreferenceDataset:
         process_index: int = 0,
         process_count: int = 1,
     ) -> None:
-        if batch_size < 1 or batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
-                             f"process_count={process_count}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-        if process_count > 1 and not drop_remainder:
-            # A partial last batch would give the processes different numbers of steps.
-            raise ValueError("drop_remainder=False is not supported with process_count > 1")
+        _check_batching(batch_size, drop_remainder, process_index, process_count)
         num_prefix = _check_limits(tokenizer, template, max_prompt_tokens, max_response_tokens)
         self.max_length = max_length or max_prompt_tokens + max_response_tokens
         self.pad_token_id = tokenizer.pad_token_id
@@ -228,20 +265,9 @@ class PreferenceDataset:
         if not kept:
             raise ValueError(f"no preference pairs left to batch ({self.report})")
 
-        rows = grain.MapDataset.source(kept)
-        if shuffle:
-            rows = rows.shuffle(seed=seed)
-        rows = rows.repeat(num_epochs)
-        if drop_remainder:
-            # Cut to whole global batches first so that every process drops the same tail.
-            rows = rows[: len(rows) // batch_size * batch_size]
-        rows = rows.map(self._encode)
-        # Global batch k is local chunks k*n .. k*n+n-1 of b = batch_size / n rows each; this
-        # process takes chunk k*n + process_index.
-        local = batch_size // process_count
-        chunks = rows.batch(local, drop_remainder=drop_remainder)
-        self._dataset: grain.MapDataset = chunks[process_index::process_count]
-        self.num_batches: int | None = None if num_epochs is None else len(self._dataset)
+        self._batch(kept, self._encode, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                    num_epochs=num_epochs, drop_remainder=drop_remainder,
+                    process_index=process_index, process_count=process_count)
 
     def _encode(self, row: tuple[np.ndarray, np.ndarray, np.ndarray, int]
                 ) -> dict[str, np.ndarray]:
@@ -257,11 +283,73 @@ class PreferenceDataset:
         out["task_index"] = np.int32(task_index)
         return out
 
-    def __getitem__(self, step: int) -> dict[str, np.ndarray]:
-        """The local batch of step ``step`` (random access, same as the iterator's)."""
-        return self._dataset[step]
 
-    def __iter__(self) -> grain.DatasetIterator:
-        # Rows are cheap to pad (tokenization is done), so one reader thread is plenty.
-        options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
-        return self._dataset.to_iter_dataset(options).__iter__()
+class SFTDataset(_BatchedDataset):
+    """Batches of (prompt, response) rows for supervised fine-tuning, built on ``grain``.
+
+    Each element is a dict of numpy arrays, rows right-padded to ``max_length``:
+
+    - ``input_ids``: ``[batch, max_length]`` int32, prompt + response (ending with EOS);
+    - ``attention_mask``: ``[batch, max_length]`` bool, True on real tokens;
+    - ``loss_mask``: ``[batch, max_length]`` bool, True on response tokens: position t is
+      trained to predict from the tokens before it;
+    - ``task_index``: ``[batch]`` int32, index into ``self.tasks``, -1 for no task.
+
+    Truncation, determinism, resume and process sharding as in ``PreferenceDataset``.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[SFTExample],
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        *,
+        batch_size: int,
+        max_prompt_tokens: int,
+        max_response_tokens: int,
+        truncation: Truncation = "truncate",
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        drop_remainder: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> None:
+        _check_batching(batch_size, drop_remainder, process_index, process_count)
+        num_prefix = _check_limits(tokenizer, template, max_prompt_tokens, max_response_tokens)
+        self.max_length = max_prompt_tokens + max_response_tokens
+        self.pad_token_id = tokenizer.pad_token_id
+        self.tasks: list[str] = sorted({e.task for e in examples if e.task is not None})
+        task_index = {task: i for i, task in enumerate(self.tasks)}
+        kept: list[tuple[np.ndarray, np.ndarray, int]] = []
+        prompts_truncated = responses_truncated = 0
+        for example in examples:
+            parts, n_prompt, n_response = _tokenize_parts(
+                example.prompt, example.history, (example.response,), tokenizer, template,
+                num_prefix, max_prompt_tokens, max_response_tokens, truncation)
+            prompts_truncated += n_prompt
+            responses_truncated += n_response
+            if parts is not None:
+                prompt, (response,) = parts
+                kept.append((np.asarray(prompt, np.int32), np.asarray(response, np.int32),
+                             task_index.get(example.task, -1)))
+        self.report = TokenizationReport(
+            num_pairs=len(examples), num_kept=len(kept), num_dropped=len(examples) - len(kept),
+            num_prompts_truncated=prompts_truncated,
+            num_responses_truncated=responses_truncated)
+        if not kept:
+            raise ValueError(f"no SFT examples left to batch ({self.report})")
+        self._batch(kept, self._encode, batch_size=batch_size, seed=seed, shuffle=shuffle,
+                    num_epochs=num_epochs, drop_remainder=drop_remainder,
+                    process_index=process_index, process_count=process_count)
+
+    def _encode(self, row: tuple[np.ndarray, np.ndarray, int]) -> dict[str, np.ndarray]:
+        prompt, response, task_index = row
+        length = len(prompt) + len(response)
+        ids = np.full(self.max_length, self.pad_token_id, np.int32)
+        ids[: len(prompt)] = prompt
+        ids[len(prompt) : length] = response
+        positions = np.arange(self.max_length)
+        return {"input_ids": ids, "attention_mask": positions < length,
+                "loss_mask": (positions >= len(prompt)) & (positions < length),
+                "task_index": np.int32(task_index)}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
@@ -27,7 +27,6 @@ from glm_jax.data.pipeline import PreferenceDataset, tokenize_record
 from glm_jax.data.records import PreferencePair, SFTExample, read_jsonl
 from glm_jax.losses import reward_model_loss
 from glm_jax.models.heads import GlmRewardModel
-from glm_jax.sharding import logical_to_spec
 from glm_jax.train.checkpoint import Checkpointer, save_model_config
 from glm_jax.train.common import (
     is_main_process,
@@ -38,6 +37,7 @@ from glm_jax.train.common import (
     template_from_config,
     tokenizer_from_config,
 )
+from glm_jax.train.loop import batch_sharding, resume, to_device, train_loop
 from glm_jax.train.metrics import MetricsWriter
 from glm_jax.train.state import TrainState, init_train_state, make_optimizer, shardings_of
 
@@ -97,19 +97,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, None), donate_argnums=0)
-
-
-def batch_sharding(mesh: Mesh, batch: Batch) -> dict[str, NamedSharding]:
-    """Rows of every batch array split over the data-parallel mesh axes."""
-    return {key: NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (value.ndim - 1),
-                                                     value.shape, mesh))
-            for key, value in batch.items()}
-
-
-def to_device(batch: Batch, shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
-    """A global array per key from this process's rows (one process: all rows)."""
-    return {key: jax.make_array_from_process_local_data(shardings[key], np.asarray(value))
-            for key, value in batch.items() if key in shardings}
 
 
 @dataclasses.dataclass
@@ -234,50 +221,33 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, tx)
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=rm.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
-        state, extra = checkpointer.restore(state)
-        train_iter.set_state(extra["data"])
-        print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
+    state = resume(checkpointer, state, train_iter)
     if is_main_process():
         save_config(config, workdir)
         save_model_config(model.config, workdir)
         save_tokenizer(tokenizer, workdir)
     del model
 
-    eval_data = eval_batches(eval_pairs, tokenizer, template, config) if eval_pairs else None
+    eval_fn = None
+    if eval_pairs:
+        batches, task_names = eval_batches(eval_pairs, tokenizer, template, config)
+
+        def eval_fn(state: TrainState) -> dict[str, Any]:
+            return summarize_scores(score_pairs(graphdef, state.params, batches, mesh),
+                                    task_names)
+
     writer = MetricsWriter(workdir, print_every=rm.log_every) if is_main_process() else None
-    shardings = None
-    step_fn = None
-    last: dict[str, Any] = {}
-    start = int(state.step)
-    for step in tqdm(range(start, rm.num_steps), initial=start, total=rm.num_steps,
-                     desc="reward model", unit="step"):
-        batch = {k: v for k, v in next(train_iter).items() if k != "task_index"}
-        if step_fn is None:
-            shardings = batch_sharding(mesh, batch)
-            step_fn = make_train_step(graphdef, tx, schedule, rm.l2_coef, shardings_of(state),
-                                      shardings)
-        with jax.set_mesh(mesh):
-            state, metrics = step_fn(state, to_device(batch, shardings))
-        done = step + 1
-        last = {k: float(v) for k, v in metrics.items()}
+    try:
+        _, last = train_loop(
+            state, lambda shardings: make_train_step(graphdef, tx, schedule, rm.l2_coef,
+                                                     shardings_of(state), shardings),
+            train_iter, mesh=mesh, num_steps=rm.num_steps, checkpointer=checkpointer,
+            writer=writer, desc="reward model", eval_fn=eval_fn, eval_every=rm.eval_every,
+            checkpoint_every=rm.checkpoint_every)
+    finally:
+        checkpointer.close()
         if writer:
-            writer.write(done, last)
-        final = done == rm.num_steps
-        if eval_data and ((rm.eval_every and done % rm.eval_every == 0) or final):
-            batches, task_names = eval_data
-            summary = summarize_scores(score_pairs(graphdef, state.params, batches, mesh),
-                                       task_names)
-            last_eval = {f"eval_{k}": v for k, v in summary.items() if k != "per_task"}
-            last["eval"] = summary
-            if writer:
-                writer.write(done, last_eval)
-        if (rm.checkpoint_every and done % rm.checkpoint_every == 0) or final:
-            checkpointer.save(done, state, {"data": train_iter.get_state()})
-    checkpointer.wait()
-    checkpointer.close()
-    if writer:
-        writer.close()
+            writer.close()
     return last
 
 

@@ -1,0 +1,90 @@
+"""The training loop every stage shares: resume, jitted steps, metrics, evals, checkpoints.
+
+Side effects (I/O, logging, checkpoints) live here, never inside the jitted step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from tqdm.auto import tqdm
+
+from glm_jax.sharding import logical_to_spec
+from glm_jax.train.checkpoint import Checkpointer
+from glm_jax.train.metrics import MetricsWriter
+from glm_jax.train.state import TrainState
+
+Batch = Mapping[str, np.ndarray]
+StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def batch_sharding(mesh: Mesh, batch: Batch) -> dict[str, NamedSharding]:
+    """Rows of every batch array split over the data-parallel mesh axes."""
+    return {key: NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (value.ndim - 1),
+                                                     value.shape, mesh))
+            for key, value in batch.items()}
+
+
+def to_device(batch: Batch, shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+    """A global array per key from this process's rows (one process: all rows)."""
+    return {key: jax.make_array_from_process_local_data(shardings[key], np.asarray(value))
+            for key, value in batch.items() if key in shardings}
+
+
+def resume(checkpointer: Checkpointer, state: TrainState, batches: Iterator
+           ) -> TrainState:
+    """The latest checkpoint's state, with `batches` moved to its saved position; or `state`
+    unchanged when there is no checkpoint yet."""
+    if checkpointer.latest_step() is None:
+        return state
+    state, extra = checkpointer.restore(state)
+    batches.set_state(extra["data"])
+    print(f"resumed from step {int(state.step)} in {checkpointer.manager.directory}")
+    return state
+
+
+def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]], StepFn],
+               batches: Iterator, *, mesh: Mesh, num_steps: int, checkpointer: Checkpointer,
+               writer: MetricsWriter | None, desc: str,
+               eval_fn: Callable[[TrainState], dict[str, Any]] | None = None,
+               eval_every: int = 0, checkpoint_every: int = 0,
+               ) -> tuple[TrainState, dict[str, Any]]:
+    """Runs `state` from its step to `num_steps`.
+
+    make_step: given the batch shardings, the jitted `(state, batch) -> (state, metrics)`.
+    batches: a resumable iterator of host batches (`get_state` / `set_state`); a
+      `task_index` entry is for evaluation and is not fed to the step.
+    eval_fn: `state -> {name: number, ...}` run every `eval_every` steps and at the end; its
+      numbers are written prefixed `eval_`, and the last result is returned under "eval".
+    Checkpoints (with the iterator position) every `checkpoint_every` steps and at the end.
+    Returns the final state and the last step's metrics.
+    """
+    step_fn, shardings = None, None
+    last: dict[str, Any] = {}
+    start = int(state.step)
+    for step in tqdm(range(start, num_steps), initial=start, total=num_steps, desc=desc,
+                     unit="step"):
+        batch = {k: v for k, v in next(batches).items() if k != "task_index"}
+        if step_fn is None:
+            shardings = batch_sharding(mesh, batch)
+            step_fn = make_step(shardings)
+        with jax.set_mesh(mesh):
+            state, metrics = step_fn(state, to_device(batch, shardings))
+        done = step + 1
+        last = {k: float(v) for k, v in metrics.items()}
+        if writer:
+            writer.write(done, last)
+        final = done == num_steps
+        if eval_fn and ((eval_every and done % eval_every == 0) or final):
+            last["eval"] = eval_fn(state)
+            if writer:
+                writer.write(done, {f"eval_{k}": v for k, v in last["eval"].items()
+                                    if isinstance(v, int | float)})
+        if (checkpoint_every and done % checkpoint_every == 0) or final:
+            checkpointer.save(done, state, {"data": batches.get_state()})
+    checkpointer.wait()
+    return state, last

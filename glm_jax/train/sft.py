@@ -1,0 +1,162 @@
+"""Supervised fine-tuning: next-token loss on the response tokens only (paper 3.1 / 3.4).
+
+The final model is also exported as a Hugging Face directory (`workdir/hf`), which the reward
+model, PPO and DPO take as `config.model.init_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from glm_jax.data.pipeline import SFTDataset
+from glm_jax.data.records import SFTExample, read_jsonl
+from glm_jax.losses import entropy_from_logits, sft_loss
+from glm_jax.models.convert import save_pretrained
+from glm_jax.models.heads import GlmForCausalLM
+from glm_jax.train.checkpoint import Checkpointer, save_model_config
+from glm_jax.train.common import (
+    is_main_process,
+    mesh_from_config,
+    model_from_config,
+    save_config,
+    save_tokenizer,
+    template_from_config,
+    tokenizer_from_config,
+)
+from glm_jax.train.loop import batch_sharding, resume, to_device, train_loop
+from glm_jax.train.metrics import MetricsWriter
+from glm_jax.train.state import TrainState, init_train_state, make_optimizer, shardings_of
+
+
+def sft_batch_loss(model: GlmForCausalLM, batch: Mapping[str, jax.Array]
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token NLL over the response tokens of `batch` (`input_ids`,
+    `attention_mask`, `loss_mask`: `[batch, length]`), and logging stats."""
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    # Position t predicts token t + 1: the loss covers targets inside the response.
+    loss_mask = batch["loss_mask"][:, 1:]
+    loss = sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], loss_mask)
+    stats = {"entropy": entropy_from_logits(logits[:, :-1], loss_mask),
+             "response_tokens": loss_mask.sum()}
+    return loss, stats
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, state_sharding: Any, batch_sharding: Any):
+    """The jitted SFT step `(state, batch) -> (state, metrics)`; state buffers are donated."""
+
+    def step(state: TrainState, batch: Mapping[str, jax.Array]):
+        def loss_fn(params):
+            return sft_batch_loss(nnx.merge(graphdef, params), batch)
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": schedule(state.step), **stats}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+def sft_dataset(examples: list[SFTExample], tokenizer, template, config: ConfigDict,
+                **kwargs: Any) -> SFTDataset:
+    data = config.data
+    return SFTDataset(examples, tokenizer, template, batch_size=config.sft.batch_size,
+                      max_prompt_tokens=data.max_prompt_tokens,
+                      max_response_tokens=data.max_response_tokens,
+                      truncation=data.truncation, **kwargs)
+
+
+@partial(jax.jit, static_argnums=0)
+def _eval_loss_jit(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array]):
+    return sft_batch_loss(nnx.merge(graphdef, params), batch)
+
+
+def evaluate_sft(graphdef: nnx.GraphDef, params: Any, dataset: SFTDataset, mesh,
+                 ) -> dict[str, float]:
+    """Token-weighted response NLL (and perplexity) over every example of `dataset`."""
+    total, tokens, shardings = 0.0, 0, None
+    for batch in dataset:
+        arrays = {k: v for k, v in batch.items() if k != "task_index"}
+        shardings = shardings or batch_sharding(mesh, arrays)
+        with jax.set_mesh(mesh):
+            loss, stats = _eval_loss_jit(graphdef, params, to_device(arrays, shardings))
+        count = int(stats["response_tokens"])
+        total, tokens = total + float(loss) * count, tokens + count
+    nll = total / max(tokens, 1)
+    return {"loss": nll, "perplexity": float(np.exp(nll)), "response_tokens": tokens}
+
+
+def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Fine-tunes the language model of `config` on `sft.train_file` in `workdir` (resuming
+    from its latest checkpoint), then exports it to `workdir/hf`. Returns the last metrics."""
+    sft, data = config.sft, config.data
+    if not sft.train_file:
+        raise ValueError("config.sft.train_file is empty: set it to an SFT JSONL file "
+                         "(e.g. --config.sft.train_file=data/sft.jsonl)")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh_from_config(config)
+    tokenizer, template = tokenizer_from_config(config), template_from_config(config)
+    examples, read_report = read_jsonl(sft.train_file, "sft", on_error=data.on_error)
+    if read_report.num_skipped:
+        print(f"{sft.train_file}: skipped {read_report.num_skipped} bad lines "
+              f"(first: {read_report.first_skipped_lines})")
+    train_data = sft_dataset(examples, tokenizer, template, config, seed=config.seed,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    print(f"{sft.train_file}: {train_data.report}")
+    train_iter = iter(train_data)
+
+    model = model_from_config(config, "lm", mesh)
+    model_config = model.config
+    tx, schedule = make_optimizer(
+        learning_rate=sft.learning_rate, num_steps=sft.num_steps, warmup_steps=sft.warmup_steps,
+        end_lr_ratio=sft.end_lr_ratio, weight_decay=sft.weight_decay,
+        max_grad_norm=sft.max_grad_norm)
+    with jax.set_mesh(mesh):
+        graphdef, state = init_train_state(model, tx)
+    del model
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=sft.keep_checkpoints)
+    state = resume(checkpointer, state, train_iter)
+    if is_main_process():
+        save_config(config, workdir)
+        save_model_config(model_config, workdir)
+        save_tokenizer(tokenizer, workdir)
+
+    eval_fn = None
+    if sft.eval_file:
+        eval_examples, _ = read_jsonl(sft.eval_file, "sft", on_error=data.on_error)
+        eval_data = sft_dataset(eval_examples, tokenizer, template, config, shuffle=False,
+                                num_epochs=1, drop_remainder=True)
+
+        def eval_fn(state: TrainState) -> dict[str, Any]:
+            return evaluate_sft(graphdef, state.params, eval_data, mesh)
+
+    writer = MetricsWriter(workdir, print_every=sft.log_every) if is_main_process() else None
+    try:
+        state, last = train_loop(
+            state, lambda shardings: make_train_step(graphdef, tx, schedule,
+                                                     shardings_of(state), shardings),
+            train_iter, mesh=mesh, num_steps=sft.num_steps, checkpointer=checkpointer,
+            writer=writer, desc="SFT", eval_fn=eval_fn, eval_every=sft.eval_every,
+            checkpoint_every=sft.checkpoint_every)
+    finally:
+        checkpointer.close()
+        if writer:
+            writer.close()
+    if is_main_process():
+        hf_dir = save_pretrained(nnx.merge(graphdef, state.params), workdir / "hf")
+        save_tokenizer(tokenizer, hf_dir)
+    return last

@@ -1,0 +1,23 @@
+"""Supervised fine-tuning on (prompt, response) pairs; exports WORKDIR/hf.
+
+    python scripts/train_sft.py --config configs/tiny.py --workdir runs/sft \
+        --config.sft.train_file=sft.jsonl --config.sft.eval_file=sft_test.jsonl
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from glm_jax.train.sft import train_sft
+
+config_flags.DEFINE_config_file("config", "configs/tiny.py", "glm_jax config file")
+flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics", required=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    train_sft(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
