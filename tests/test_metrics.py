@@ -37,3 +37,15 @@ def test_jsonl_and_tensorboard_events(tmp_path, capsys):
 
     printed = capsys.readouterr().out.splitlines()
     assert printed == ["step 2: loss=0.5, accuracy=0.5", "step 4: loss=0.25, accuracy=1"]
+
+
+def test_resume_drops_lines_after_the_resume_step(tmp_path):
+    writer = MetricsWriter(tmp_path, print_every=0)
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    writer = MetricsWriter(tmp_path, print_every=0, resume_step=3)
+    writer.write(4, {"loss": 40.0})
+    writer.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]

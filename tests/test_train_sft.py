@@ -79,6 +79,9 @@ def test_resume_gives_the_same_losses(tmp_path):
     train_sft(config, tmp_path / "straight")
     config.sft.num_steps = 3
     train_sft(config, tmp_path / "resumed")
+    # As if the first run had died after logging steps past its last checkpoint (step 3).
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
     config.sft.num_steps = 6
     train_sft(config, tmp_path / "resumed")
 

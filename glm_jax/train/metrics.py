@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import time
 from collections.abc import Mapping
@@ -105,10 +106,21 @@ class MetricsWriter:
     `print_every` steps) a one-line stdout summary. Only the writing process should create
     one (process 0 in a multi-host run)."""
 
-    def __init__(self, workdir: str | Path, *, print_every: int = 1, prefix: str = ""):
+    def __init__(self, workdir: str | Path, *, print_every: int = 1, prefix: str = "",
+                 resume_step: int | None = None):
+        """resume_step: for a training run, the step it (re)starts from; lines of later steps
+        (written by a run that died after its last checkpoint) are dropped, so replayed steps
+        are not logged twice. None appends to the file as it is."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        path = self.workdir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a")  # noqa: SIM115
         self._tensorboard = TensorBoardWriter(self.workdir / "tensorboard")
         self.print_every = print_every
         self.prefix = prefix

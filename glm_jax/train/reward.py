@@ -236,7 +236,8 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
             return summarize_scores(score_pairs(graphdef, state.params, batches, mesh),
                                     task_names)
 
-    writer = MetricsWriter(workdir, print_every=rm.log_every) if is_main_process() else None
+    writer = (MetricsWriter(workdir, print_every=rm.log_every, resume_step=int(state.step))
+              if is_main_process() else None)
     try:
         _, last = train_loop(
             state, lambda shardings: make_train_step(graphdef, tx, schedule, rm.l2_coef,

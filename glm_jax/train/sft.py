@@ -144,7 +144,8 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         def eval_fn(state: TrainState) -> dict[str, Any]:
             return evaluate_sft(graphdef, state.params, eval_data, mesh)
 
-    writer = MetricsWriter(workdir, print_every=sft.log_every) if is_main_process() else None
+    writer = (MetricsWriter(workdir, print_every=sft.log_every, resume_step=int(state.step))
+              if is_main_process() else None)
     try:
         state, last = train_loop(
             state, lambda shardings: make_train_step(graphdef, tx, schedule,
