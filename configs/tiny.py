@@ -32,4 +32,11 @@ def get_config() -> ConfigDict:
         train_file="", eval_file="", batch_size=16, num_steps=200, learning_rate=1e-3,
         warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, l2_coef=0.0,
         eval_every=100, checkpoint_every=100, keep_checkpoints=2, log_every=10))
+    # Offline DPO (paper eq. 7) on annotated pairs; the reference is the initial model.
+    # sft_coef weighs an optional next-token loss on the chosen responses.
+    config.dpo = ConfigDict(dict(
+        train_file="", eval_file="", beta=0.1, sft_coef=0.0, batch_size=16, num_steps=200,
+        learning_rate=1e-4, warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0,
+        max_grad_norm=1.0, eval_every=100, checkpoint_every=100, keep_checkpoints=2,
+        log_every=10))
     return config

@@ -134,7 +134,8 @@ def test_batches_shapes_padding_and_decode(tokenizer):
     seen = []
     for batch in dataset:
         assert set(batch) == {"chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask",
-                              "task_index"}
+                              "chosen_response_mask", "rejected_response_mask", "task_index",
+                              "pair_index"}
         assert batch["task_index"].shape == (4,) and batch["task_index"].dtype == np.int32
         for name in ("chosen", "rejected"):
             ids, mask = batch[f"{name}_ids"], batch[f"{name}_mask"]

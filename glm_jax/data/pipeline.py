@@ -204,7 +204,11 @@ class PreferenceDataset(_BatchedDataset):
     - ``chosen_ids``, ``rejected_ids``: ``[batch, max_length]`` int32, prompt + response ids,
       right-padded with ``tokenizer.pad_token_id``;
     - ``chosen_mask``, ``rejected_mask``: ``[batch, max_length]`` bool, True on real tokens;
-    - ``task_index``: ``[batch]`` int32, index into ``self.tasks`` (sorted), -1 for no task.
+    - ``chosen_response_mask``, ``rejected_response_mask``: ``[batch, max_length]`` bool, True
+      on the response tokens (EOS included);
+    - ``task_index``: ``[batch]`` int32, index into ``self.tasks`` (sorted), -1 for no task;
+    - ``pair_index``: ``[batch]`` int32, the pair's index among the kept pairs (in input order),
+      for per-pair values computed once (DPO's reference log-probs).
 
     ``batch_size`` is the global batch; process ``process_index`` of ``process_count`` gets rows
     ``[i*b/n, (i+1)*b/n)`` of every global batch. ``iter(dataset)`` gives a grain
@@ -232,6 +236,7 @@ class PreferenceDataset(_BatchedDataset):
     ) -> None:
         _check_batching(batch_size, drop_remainder, process_index, process_count)
         num_prefix = _check_limits(tokenizer, template, max_prompt_tokens, max_response_tokens)
+        self.batch_size = batch_size
         self.max_length = max_length or max_prompt_tokens + max_response_tokens
         self.pad_token_id = tokenizer.pad_token_id
         self.tasks: list[str] = sorted({p.task for p in pairs if p.task is not None})
@@ -257,7 +262,7 @@ class PreferenceDataset(_BatchedDataset):
             kept.append((np.asarray(tokenized.prompt_ids, np.int32),
                          np.asarray(tokenized.chosen_ids, np.int32),
                          np.asarray(tokenized.rejected_ids, np.int32),
-                         self._task_index.get(tokenized.task, -1)))
+                         self._task_index.get(tokenized.task, -1), len(kept)))
         self.report = TokenizationReport(
             num_pairs=len(pairs), num_kept=len(kept), num_dropped=len(pairs) - len(kept),
             num_prompts_truncated=prompts_truncated,
@@ -269,18 +274,21 @@ class PreferenceDataset(_BatchedDataset):
                     num_epochs=num_epochs, drop_remainder=drop_remainder,
                     process_index=process_index, process_count=process_count)
 
-    def _encode(self, row: tuple[np.ndarray, np.ndarray, np.ndarray, int]
+    def _encode(self, row: tuple[np.ndarray, np.ndarray, np.ndarray, int, int]
                 ) -> dict[str, np.ndarray]:
-        prompt, chosen, rejected, task_index = row
+        prompt, chosen, rejected, task_index, pair_index = row
         out: dict[str, np.ndarray] = {}
+        positions = np.arange(self.max_length)
         for name, response in (("chosen", chosen), ("rejected", rejected)):
             length = len(prompt) + len(response)
             ids = np.full(self.max_length, self.pad_token_id, np.int32)
             ids[: len(prompt)] = prompt
             ids[len(prompt) : length] = response
             out[f"{name}_ids"] = ids
-            out[f"{name}_mask"] = np.arange(self.max_length) < length
+            out[f"{name}_mask"] = positions < length
+            out[f"{name}_response_mask"] = (positions >= len(prompt)) & (positions < length)
         out["task_index"] = np.int32(task_index)
+        out["pair_index"] = np.int32(pair_index)
         return out
 
 

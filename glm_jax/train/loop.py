@@ -19,6 +19,7 @@ from glm_jax.train.metrics import MetricsWriter
 from glm_jax.train.state import TrainState
 
 Batch = Mapping[str, np.ndarray]
+_HOST_ONLY = ("task_index", "pair_index")
 StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
 
 
@@ -56,8 +57,8 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
     """Runs `state` from its step to `num_steps`.
 
     make_step: given the batch shardings, the jitted `(state, batch) -> (state, metrics)`.
-    batches: a resumable iterator of host batches (`get_state` / `set_state`); a
-      `task_index` entry is for evaluation and is not fed to the step.
+    batches: a resumable iterator of host batches (`get_state` / `set_state`); its
+      `task_index` / `pair_index` entries are bookkeeping and are not fed to the step.
     eval_fn: `state -> {name: number, ...}` run every `eval_every` steps and at the end; its
       numbers are written prefixed `eval_`, and the last result is returned under "eval".
     Checkpoints (with the iterator position) every `checkpoint_every` steps and at the end.
@@ -68,7 +69,7 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
     start = int(state.step)
     for step in tqdm(range(start, num_steps), initial=start, total=num_steps, desc=desc,
                      unit="step"):
-        batch = {k: v for k, v in next(batches).items() if k != "task_index"}
+        batch = {k: v for k, v in next(batches).items() if k not in _HOST_ONLY}
         if step_fn is None:
             shardings = batch_sharding(mesh, batch)
             step_fn = make_step(shardings)
