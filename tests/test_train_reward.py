@@ -14,13 +14,8 @@ from glm_jax.data.tokenizer import GLM4_TEMPLATE, Tokenizer
 from glm_jax.models.heads import GlmRewardModel
 from glm_jax.sharding import MeshConfig, make_mesh
 from glm_jax.train.checkpoint import load_trained_model
-from glm_jax.train.reward import (
-    batch_sharding,
-    make_train_step,
-    pair_rewards,
-    to_device,
-    train_reward_model,
-)
+from glm_jax.train.loop import batch_sharding, to_device
+from glm_jax.train.reward import make_train_step, pair_rewards, train_reward_model
 from glm_jax.train.state import init_train_state, make_optimizer, shardings_of
 
 GOOD = ["great", "correct", "helpful", "clear", "kind", "right"]

@@ -25,6 +25,7 @@ from glm_jax.data.records import PreferencePair, read_jsonl
 from glm_jax.losses import dpo_loss, sequence_logprobs, token_logprobs
 from glm_jax.models.convert import save_pretrained
 from glm_jax.models.heads import GlmForCausalLM
+from glm_jax.train import loop
 from glm_jax.train.checkpoint import Checkpointer, save_model_config
 from glm_jax.train.common import (
     is_main_process,
@@ -37,7 +38,12 @@ from glm_jax.train.common import (
 )
 from glm_jax.train.loop import batch_sharding, resume, to_device, train_loop
 from glm_jax.train.metrics import MetricsWriter
-from glm_jax.train.state import TrainState, init_train_state, make_optimizer, shardings_of
+from glm_jax.train.state import (
+    TrainState,
+    init_train_state,
+    optimizer_from_config,
+    shardings_of,
+)
 
 _PAIR_KEYS = ("chosen_ids", "chosen_mask", "chosen_response_mask", "rejected_ids",
               "rejected_mask", "rejected_response_mask")
@@ -113,29 +119,20 @@ class WithReference:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, beta: float, sft_coef: float,
                     state_sharding: Any, batch_sharding: Any):
-    """The jitted DPO step `(state, batch) -> (state, metrics)`; state buffers are donated."""
+    """The jitted DPO step `(state, batch) -> (state, metrics)`; the batch carries the cached
+    `ref_chosen_logps` / `ref_rejected_logps` `[batch]`."""
 
-    def step(state: TrainState, batch: Mapping[str, jax.Array]):
-        def loss_fn(params):
-            chosen, rejected, chosen_nll = pair_logps(nnx.merge(graphdef, params), batch)
-            loss, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta)
-            return loss + sft_coef * chosen_nll, (loss, chosen_nll, chosen_rewards,
-                                                  rejected_rewards)
-
-        (total, (dpo, nll, chosen_r, rejected_r)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": total, "dpo_loss": dpo, "sft_nll": nll,
+    def loss_fn(params: Any, batch: Mapping[str, jax.Array]):
+        chosen, rejected, chosen_nll = pair_logps(nnx.merge(graphdef, params), batch)
+        dpo, chosen_r, rejected_r = dpo_loss(chosen, rejected, batch["ref_chosen_logps"],
+                                             batch["ref_rejected_logps"], beta)
+        metrics = {"dpo_loss": dpo, "sft_nll": chosen_nll,
                    "reward_accuracy": jnp.mean((chosen_r > rejected_r).astype(jnp.float32)),
                    "reward_margin": jnp.mean(chosen_r - rejected_r),
-                   "chosen_reward": jnp.mean(chosen_r), "rejected_reward": jnp.mean(rejected_r),
-                   "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+                   "chosen_reward": jnp.mean(chosen_r), "rejected_reward": jnp.mean(rejected_r)}
+        return dpo + sft_coef * chosen_nll, metrics
 
-    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, None), donate_argnums=0)
+    return loop.make_train_step(loss_fn, tx, schedule, state_sharding, batch_sharding)
 
 
 def _dataset(pairs: list[PreferencePair], tokenizer, template, config: ConfigDict,
@@ -192,10 +189,7 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
             return implicit_reward_accuracy(graphdef, state.params, eval_data, eval_reference,
                                             dpo.beta, mesh)
 
-    tx, schedule = make_optimizer(
-        learning_rate=dpo.learning_rate, num_steps=dpo.num_steps, warmup_steps=dpo.warmup_steps,
-        end_lr_ratio=dpo.end_lr_ratio, weight_decay=dpo.weight_decay,
-        max_grad_norm=dpo.max_grad_norm)
+    tx, schedule = optimizer_from_config(dpo)
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, tx)
     del model, initial_params

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
@@ -89,3 +90,27 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
             checkpointer.save(done, state, {"data": batches.get_state()})
     checkpointer.wait()
     return state, last
+
+
+LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, state_sharding: Any, batch_sharding: Any
+                    ) -> StepFn:
+    """The jitted step every stage uses: `(state, batch) -> (state, metrics)`.
+
+    loss_fn: `(params, batch) -> (loss, metrics)`; the step adds `loss`, `grad_norm` and
+    `learning_rate` to the metrics. The state's buffers are donated.
+    """
+
+    def step(state: TrainState, batch: Mapping[str, jax.Array]):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": schedule(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None), donate_argnums=0)

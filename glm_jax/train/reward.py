@@ -27,6 +27,7 @@ from glm_jax.data.pipeline import PreferenceDataset, tokenize_record
 from glm_jax.data.records import PreferencePair, SFTExample, read_jsonl
 from glm_jax.losses import reward_model_loss
 from glm_jax.models.heads import GlmRewardModel
+from glm_jax.train import loop
 from glm_jax.train.checkpoint import Checkpointer, save_model_config
 from glm_jax.train.common import (
     is_main_process,
@@ -39,7 +40,12 @@ from glm_jax.train.common import (
 )
 from glm_jax.train.loop import batch_sharding, resume, to_device, train_loop
 from glm_jax.train.metrics import MetricsWriter
-from glm_jax.train.state import TrainState, init_train_state, make_optimizer, shardings_of
+from glm_jax.train.state import (
+    TrainState,
+    init_train_state,
+    optimizer_from_config,
+    shardings_of,
+)
 
 Batch = Mapping[str, np.ndarray]
 
@@ -80,23 +86,13 @@ def pair_metrics(chosen: jax.Array, rejected: jax.Array) -> dict[str, jax.Array]
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, l2_coef: float, state_sharding: Any,
                     batch_sharding: Any):
-    """The jitted step `(state, batch) -> (state, metrics)`; the state's buffers are donated."""
+    """The jitted reward-model step `(state, batch) -> (state, metrics)`."""
 
-    def step(state: TrainState, batch: Mapping[str, jax.Array]):
-        def loss_fn(params):
-            chosen, rejected = pair_rewards(nnx.merge(graphdef, params), batch)
-            return reward_model_loss(chosen, rejected, l2_coef), (chosen, rejected)
+    def loss_fn(params: Any, batch: Mapping[str, jax.Array]):
+        chosen, rejected = pair_rewards(nnx.merge(graphdef, params), batch)
+        return reward_model_loss(chosen, rejected, l2_coef), pair_metrics(chosen, rejected)
 
-        (loss, (chosen, rejected)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": schedule(state.step), **pair_metrics(chosen, rejected)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, None), donate_argnums=0)
+    return loop.make_train_step(loss_fn, tx, schedule, state_sharding, batch_sharding)
 
 
 @dataclasses.dataclass
@@ -214,10 +210,7 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
     train_iter = iter(train_data)
 
     model = model_from_config(config, "reward", mesh)
-    tx, schedule = make_optimizer(
-        learning_rate=rm.learning_rate, num_steps=rm.num_steps, warmup_steps=rm.warmup_steps,
-        end_lr_ratio=rm.end_lr_ratio, weight_decay=rm.weight_decay,
-        max_grad_norm=rm.max_grad_norm)
+    tx, schedule = optimizer_from_config(rm)
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, tx)
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=rm.keep_checkpoints)

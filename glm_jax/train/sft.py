@@ -22,6 +22,7 @@ from glm_jax.data.records import SFTExample, read_jsonl
 from glm_jax.losses import entropy_from_logits, sft_loss
 from glm_jax.models.convert import save_pretrained
 from glm_jax.models.heads import GlmForCausalLM
+from glm_jax.train import loop
 from glm_jax.train.checkpoint import Checkpointer, save_model_config
 from glm_jax.train.common import (
     is_main_process,
@@ -34,7 +35,12 @@ from glm_jax.train.common import (
 )
 from glm_jax.train.loop import batch_sharding, resume, to_device, train_loop
 from glm_jax.train.metrics import MetricsWriter
-from glm_jax.train.state import TrainState, init_train_state, make_optimizer, shardings_of
+from glm_jax.train.state import (
+    TrainState,
+    init_train_state,
+    optimizer_from_config,
+    shardings_of,
+)
 
 
 def sft_batch_loss(model: GlmForCausalLM, batch: Mapping[str, jax.Array]
@@ -52,21 +58,12 @@ def sft_batch_loss(model: GlmForCausalLM, batch: Mapping[str, jax.Array]
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, state_sharding: Any, batch_sharding: Any):
-    """The jitted SFT step `(state, batch) -> (state, metrics)`; state buffers are donated."""
+    """The jitted SFT step `(state, batch) -> (state, metrics)`."""
 
-    def step(state: TrainState, batch: Mapping[str, jax.Array]):
-        def loss_fn(params):
-            return sft_batch_loss(nnx.merge(graphdef, params), batch)
+    def loss_fn(params: Any, batch: Mapping[str, jax.Array]):
+        return sft_batch_loss(nnx.merge(graphdef, params), batch)
 
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": schedule(state.step), **stats}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, None), donate_argnums=0)
+    return loop.make_train_step(loss_fn, tx, schedule, state_sharding, batch_sharding)
 
 
 def sft_dataset(examples: list[SFTExample], tokenizer, template, config: ConfigDict,
@@ -121,10 +118,7 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
 
     model = model_from_config(config, "lm", mesh)
     model_config = model.config
-    tx, schedule = make_optimizer(
-        learning_rate=sft.learning_rate, num_steps=sft.num_steps, warmup_steps=sft.warmup_steps,
-        end_lr_ratio=sft.end_lr_ratio, weight_decay=sft.weight_decay,
-        max_grad_norm=sft.max_grad_norm)
+    tx, schedule = optimizer_from_config(sft)
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, tx)
     del model

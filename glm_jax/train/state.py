@@ -47,3 +47,10 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation
 def shardings_of(tree: Any) -> Any:
     """The sharding of every array in `tree` (to pin a step's outputs to its inputs')."""
     return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def optimizer_from_config(section: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`make_optimizer` from a stage's config section (learning_rate, num_steps, ...)."""
+    return make_optimizer(learning_rate=section.learning_rate, num_steps=section.num_steps,
+                          warmup_steps=section.warmup_steps, end_lr_ratio=section.end_lr_ratio,
+                          weight_decay=section.weight_decay, max_grad_norm=section.max_grad_norm)
