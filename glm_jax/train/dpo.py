@@ -23,21 +23,15 @@ from tqdm.auto import tqdm
 from glm_jax.data.pipeline import PreferenceDataset
 from glm_jax.data.records import PreferencePair, read_jsonl
 from glm_jax.losses import dpo_loss, sequence_logprobs, token_logprobs
-from glm_jax.models.convert import save_pretrained
 from glm_jax.models.heads import GlmForCausalLM
 from glm_jax.train import loop
-from glm_jax.train.checkpoint import Checkpointer, save_model_config
 from glm_jax.train.common import (
-    is_main_process,
     mesh_from_config,
     model_from_config,
-    save_config,
-    save_tokenizer,
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.loop import batch_sharding, resume, to_device, train_loop
-from glm_jax.train.metrics import MetricsWriter
+from glm_jax.train.loop import batch_sharding, run_stage, to_device
 from glm_jax.train.state import (
     TrainState,
     init_train_state,
@@ -194,27 +188,10 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         graphdef, state = init_train_state(model, tx)
     del model, initial_params
     batches = WithReference(iter(train_data), reference)
-    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=dpo.keep_checkpoints)
-    state = resume(checkpointer, state, batches)
-    if is_main_process():
-        save_config(config, workdir)
-        save_model_config(model_config, workdir)
-        save_tokenizer(tokenizer, workdir)
-    writer = (MetricsWriter(workdir, print_every=dpo.log_every, resume_step=int(state.step))
-              if is_main_process() else None)
-    try:
-        state, last = train_loop(
-            state, lambda shardings: make_train_step(graphdef, tx, schedule, dpo.beta,
-                                                     dpo.sft_coef, shardings_of(state),
-                                                     shardings),
-            batches, mesh=mesh, num_steps=dpo.num_steps, checkpointer=checkpointer,
-            writer=writer, desc="DPO", eval_fn=eval_fn, eval_every=dpo.eval_every,
-            checkpoint_every=dpo.checkpoint_every)
-    finally:
-        checkpointer.close()
-        if writer:
-            writer.close()
-    if is_main_process():
-        hf_dir = save_pretrained(nnx.merge(graphdef, state.params), workdir / "hf")
-        save_tokenizer(tokenizer, hf_dir)
-    return last
+    return run_stage(
+        config, dpo, workdir, graphdef=graphdef, state=state,
+        make_step=lambda shardings: make_train_step(graphdef, tx, schedule, dpo.beta,
+                                                    dpo.sft_coef, shardings_of(state),
+                                                    shardings),
+        batches=batches, mesh=mesh, model_config=model_config, tokenizer=tokenizer,
+        desc="DPO", eval_fn=eval_fn, export_hf=True)

@@ -6,16 +6,21 @@ Side effects (I/O, logging, checkpoints) live here, never inside the jitted step
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
+from glm_jax.models.convert import save_pretrained
 from glm_jax.sharding import logical_to_spec
-from glm_jax.train.checkpoint import Checkpointer
+from glm_jax.train.checkpoint import Checkpointer, save_model_config
+from glm_jax.train.common import is_main_process, save_config, save_tokenizer
 from glm_jax.train.metrics import MetricsWriter
 from glm_jax.train.state import TrainState
 
@@ -114,3 +119,37 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphdef: Any,
+              state: TrainState, make_step: Callable[[dict[str, NamedSharding]], StepFn],
+              batches: Iterator, mesh: Mesh, model_config: Any, tokenizer: Any, desc: str,
+              eval_fn: Callable[[TrainState], dict[str, Any]] | None = None,
+              export_hf: bool = False) -> dict[str, Any]:
+    """What every stage does around its step: resume from `workdir/checkpoints`, record the
+    resolved config, model config and tokenizer, run `train_loop` with the metrics writer,
+    and (with `export_hf`) export the final model to `workdir/hf`. `section` is the stage's
+    config section (num_steps, eval_every, checkpoint_every, keep_checkpoints, log_every).
+    Returns the last step's metrics."""
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=section.keep_checkpoints)
+    state = resume(checkpointer, state, batches)
+    main = is_main_process()
+    if main:
+        save_config(config, workdir)
+        save_model_config(model_config, workdir)
+        save_tokenizer(tokenizer, workdir)
+    writer = (MetricsWriter(workdir, print_every=section.log_every, resume_step=int(state.step))
+              if main else None)
+    try:
+        state, last = train_loop(
+            state, make_step, batches, mesh=mesh, num_steps=section.num_steps,
+            checkpointer=checkpointer, writer=writer, desc=desc, eval_fn=eval_fn,
+            eval_every=section.eval_every, checkpoint_every=section.checkpoint_every)
+    finally:
+        checkpointer.close()
+        if writer:
+            writer.close()
+    if export_hf and main:
+        hf_dir = save_pretrained(nnx.merge(graphdef, state.params), workdir / "hf")
+        save_tokenizer(tokenizer, hf_dir)
+    return last

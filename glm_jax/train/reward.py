@@ -28,18 +28,13 @@ from glm_jax.data.records import PreferencePair, SFTExample, read_jsonl
 from glm_jax.losses import reward_model_loss
 from glm_jax.models.heads import GlmRewardModel
 from glm_jax.train import loop
-from glm_jax.train.checkpoint import Checkpointer, save_model_config
 from glm_jax.train.common import (
-    is_main_process,
     mesh_from_config,
     model_from_config,
-    save_config,
-    save_tokenizer,
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.loop import batch_sharding, resume, to_device, train_loop
-from glm_jax.train.metrics import MetricsWriter
+from glm_jax.train.loop import batch_sharding, run_stage, to_device
 from glm_jax.train.state import (
     TrainState,
     init_train_state,
@@ -213,14 +208,8 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
     tx, schedule = optimizer_from_config(rm)
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, tx)
-    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=rm.keep_checkpoints)
-    state = resume(checkpointer, state, train_iter)
-    if is_main_process():
-        save_config(config, workdir)
-        save_model_config(model.config, workdir)
-        save_tokenizer(tokenizer, workdir)
+    model_config = model.config
     del model
-
     eval_fn = None
     if eval_pairs:
         batches, task_names = eval_batches(eval_pairs, tokenizer, template, config)
@@ -229,20 +218,12 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
             return summarize_scores(score_pairs(graphdef, state.params, batches, mesh),
                                     task_names)
 
-    writer = (MetricsWriter(workdir, print_every=rm.log_every, resume_step=int(state.step))
-              if is_main_process() else None)
-    try:
-        _, last = train_loop(
-            state, lambda shardings: make_train_step(graphdef, tx, schedule, rm.l2_coef,
-                                                     shardings_of(state), shardings),
-            train_iter, mesh=mesh, num_steps=rm.num_steps, checkpointer=checkpointer,
-            writer=writer, desc="reward model", eval_fn=eval_fn, eval_every=rm.eval_every,
-            checkpoint_every=rm.checkpoint_every)
-    finally:
-        checkpointer.close()
-        if writer:
-            writer.close()
-    return last
+    return run_stage(
+        config, rm, workdir, graphdef=graphdef, state=state,
+        make_step=lambda shardings: make_train_step(graphdef, tx, schedule, rm.l2_coef,
+                                                    shardings_of(state), shardings),
+        batches=train_iter, mesh=mesh, model_config=model_config, tokenizer=tokenizer,
+        desc="reward model", eval_fn=eval_fn)
 
 
 def _single_device_mesh() -> Mesh:

@@ -20,21 +20,15 @@ from ml_collections import ConfigDict
 from glm_jax.data.pipeline import SFTDataset
 from glm_jax.data.records import SFTExample, read_jsonl
 from glm_jax.losses import entropy_from_logits, sft_loss
-from glm_jax.models.convert import save_pretrained
 from glm_jax.models.heads import GlmForCausalLM
 from glm_jax.train import loop
-from glm_jax.train.checkpoint import Checkpointer, save_model_config
 from glm_jax.train.common import (
-    is_main_process,
     mesh_from_config,
     model_from_config,
-    save_config,
-    save_tokenizer,
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.loop import batch_sharding, resume, to_device, train_loop
-from glm_jax.train.metrics import MetricsWriter
+from glm_jax.train.loop import batch_sharding, run_stage, to_device
 from glm_jax.train.state import (
     TrainState,
     init_train_state,
@@ -122,13 +116,6 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, tx)
     del model
-    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=sft.keep_checkpoints)
-    state = resume(checkpointer, state, train_iter)
-    if is_main_process():
-        save_config(config, workdir)
-        save_model_config(model_config, workdir)
-        save_tokenizer(tokenizer, workdir)
-
     eval_fn = None
     if sft.eval_file:
         eval_examples, _ = read_jsonl(sft.eval_file, "sft", on_error=data.on_error)
@@ -138,20 +125,9 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         def eval_fn(state: TrainState) -> dict[str, Any]:
             return evaluate_sft(graphdef, state.params, eval_data, mesh)
 
-    writer = (MetricsWriter(workdir, print_every=sft.log_every, resume_step=int(state.step))
-              if is_main_process() else None)
-    try:
-        state, last = train_loop(
-            state, lambda shardings: make_train_step(graphdef, tx, schedule,
-                                                     shardings_of(state), shardings),
-            train_iter, mesh=mesh, num_steps=sft.num_steps, checkpointer=checkpointer,
-            writer=writer, desc="SFT", eval_fn=eval_fn, eval_every=sft.eval_every,
-            checkpoint_every=sft.checkpoint_every)
-    finally:
-        checkpointer.close()
-        if writer:
-            writer.close()
-    if is_main_process():
-        hf_dir = save_pretrained(nnx.merge(graphdef, state.params), workdir / "hf")
-        save_tokenizer(tokenizer, hf_dir)
-    return last
+    return run_stage(
+        config, sft, workdir, graphdef=graphdef, state=state,
+        make_step=lambda shardings: make_train_step(graphdef, tx, schedule,
+                                                    shardings_of(state), shardings),
+        batches=train_iter, mesh=mesh, model_config=model_config, tokenizer=tokenizer,
+        desc="SFT", eval_fn=eval_fn, export_hf=True)
