@@ -1,7 +1,18 @@
-"""Offline DPO (paper eq. 7) on preference pairs; exports WORKDIR/hf.
+"""DPO (paper eq. 7); exports WORKDIR/hf. Three modes (config.dpo.mode):
 
+    # offline: annotated preference pairs
     python scripts/train_dpo.py --config configs/tiny.py --workdir runs/dpo \
         --config.dpo.train_file=pairs.jsonl --config.model.init_checkpoint=runs/sft/hf
+
+    # reward_pairs: pairs built once by the reward model from the SFT model's samples
+    python scripts/train_dpo.py --config configs/tiny.py --workdir runs/dpo_rm \
+        --config.dpo.mode=reward_pairs --config.dpo.prompt_file=prompts.jsonl \
+        --config.dpo.reward_model=runs/rm --config.model.init_checkpoint=runs/sft/hf
+
+    # online: pairs built at every step from the current policy's samples
+    python scripts/train_dpo.py --config configs/tiny.py --workdir runs/dpo_online \
+        --config.dpo.mode=online --config.dpo.prompt_file=prompts.jsonl \
+        --config.dpo.reward_model=runs/rm --config.model.init_checkpoint=runs/sft/hf
 """
 
 from absl import app, flags, logging

@@ -56,7 +56,7 @@ def dpo_config(tmp_path, **dpo):
     config.dpo.eval_file = str(tmp_path / "test.jsonl")
     config.data.max_prompt_tokens = LIMITS["max_prompt_tokens"]
     config.data.max_response_tokens = LIMITS["max_response_tokens"]
-    config.dpo.update(batch_size=16, **dpo)
+    config.dpo.update({"batch_size": 16, **dpo})
     return config
 
 

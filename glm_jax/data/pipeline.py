@@ -1,4 +1,4 @@
-"""Tokenization and grain batching of preference pairs for reward-model training.
+"""Tokenization and grain batching of preference pairs and SFT examples (optionally packed).
 
 Every pair is tokenized once, eagerly, when the dataset is built: that gives the truncation
 report up front and leaves a dense source of kept pairs, so batch ``k`` is a pure function of
@@ -44,6 +44,53 @@ class TokenizationReport:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PackingReport:
+    """How well one epoch of SFT examples packed into rows of ``max_length`` tokens."""
+
+    num_examples: int
+    num_rows: int
+    num_tokens: int  # real (non-padding) tokens over all rows
+    max_length: int
+
+    @property
+    def fill(self) -> float:
+        """Fraction of the rows' token slots holding a real token."""
+        return self.num_tokens / max(self.num_rows * self.max_length, 1)
+
+    def __str__(self) -> str:
+        return (f"packed {self.num_examples} examples into {self.num_rows} rows of "
+                f"{self.max_length} tokens ({self.fill:.1%} filled)")
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "fill": self.fill}
+
+
+def pack_greedy(lengths: Sequence[int], max_length: int, num_open: int = 8) -> list[list[int]]:
+    """Greedy first-fit packing of items, taken in order, into rows of ``max_length`` tokens.
+
+    Each item goes into the first of the ``num_open`` most recently opened rows with room
+    for it, else opens a new row; items are never split. Bounding the rows searched keeps
+    this linear in the number of items while filling nearly as well as unbounded first-fit.
+    Returns the rows in opening order, each the list of its item indices in order.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i, length in enumerate(lengths):
+        if not 0 < length <= max_length:
+            raise ValueError(f"item {i} has {length} tokens, not in [1, {max_length}]")
+        for r in range(max(len(rows) - num_open, 0), len(rows)):
+            if free[r] >= length:
+                break
+        else:
+            r = len(rows)
+            rows.append([])
+            free.append(max_length)
+        rows[r].append(i)
+        free[r] -= length
+    return rows
 
 
 def _check_limits(tokenizer: Tokenizer, template: ChatTemplate, max_prompt_tokens: int,
@@ -292,6 +339,10 @@ class PreferenceDataset(_BatchedDataset):
         return out
 
 
+# One tokenized SFT example: (prompt ids, response ids ending with EOS, task index or -1).
+_SFTItem = tuple[np.ndarray, np.ndarray, int]
+
+
 class SFTDataset(_BatchedDataset):
     """Batches of (prompt, response) rows for supervised fine-tuning, built on ``grain``.
 
@@ -304,6 +355,7 @@ class SFTDataset(_BatchedDataset):
     - ``task_index``: ``[batch]`` int32, index into ``self.tasks``, -1 for no task.
 
     Truncation, determinism, resume and process sharding as in ``PreferenceDataset``.
+    ``PackedSFTDataset`` packs several examples per row instead.
     """
 
     def __init__(
@@ -329,7 +381,7 @@ class SFTDataset(_BatchedDataset):
         self.pad_token_id = tokenizer.pad_token_id
         self.tasks: list[str] = sorted({e.task for e in examples if e.task is not None})
         task_index = {task: i for i, task in enumerate(self.tasks)}
-        kept: list[tuple[np.ndarray, np.ndarray, int]] = []
+        kept: list[_SFTItem] = []
         prompts_truncated = responses_truncated = 0
         for example in examples:
             parts, n_prompt, n_response = _tokenize_parts(
@@ -347,17 +399,65 @@ class SFTDataset(_BatchedDataset):
             num_responses_truncated=responses_truncated)
         if not kept:
             raise ValueError(f"no SFT examples left to batch ({self.report})")
-        self._batch(kept, self._encode, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                    num_epochs=num_epochs, drop_remainder=drop_remainder,
-                    process_index=process_index, process_count=process_count)
+        self._batch(self._rows(kept, seed=seed, shuffle=shuffle), self._encode,
+                    batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                    drop_remainder=drop_remainder, process_index=process_index,
+                    process_count=process_count)
 
-    def _encode(self, row: tuple[np.ndarray, np.ndarray, int]) -> dict[str, np.ndarray]:
-        prompt, response, task_index = row
-        length = len(prompt) + len(response)
-        ids = np.full(self.max_length, self.pad_token_id, np.int32)
-        ids[: len(prompt)] = prompt
-        ids[len(prompt) : length] = response
-        positions = np.arange(self.max_length)
-        return {"input_ids": ids, "attention_mask": positions < length,
-                "loss_mask": (positions >= len(prompt)) & (positions < length),
-                "task_index": np.int32(task_index)}
+    def _rows(self, kept: list[_SFTItem], *, seed: int, shuffle: bool) -> list:
+        """The source rows of the grain chain: here one example each."""
+        return kept
+
+    def _encode(self, row: _SFTItem) -> dict[str, np.ndarray]:
+        out = _encode_sft_row([row], self.max_length, self.pad_token_id)
+        del out["segment_ids"]
+        return out
+
+
+class PackedSFTDataset(SFTDataset):
+    """``SFTDataset`` with several whole examples packed into each row of ``max_length``.
+
+    The kept examples are shuffled (``seed``) and packed once, greedily (``pack_greedy``);
+    grain then shuffles, repeats, batches and shards those rows exactly like unpacked rows
+    (so every epoch holds each example exactly once, the rows' order changes per epoch, and
+    ``get_state`` / ``set_state`` resume exactly). ``batch_size`` counts rows. Elements have
+    ``SFTDataset``'s keys, over packed rows, plus:
+
+    - ``segment_ids``: ``[batch, max_length]`` int32, k on the tokens of the row's k-th
+      example (1-based), 0 on padding; pass it to the model so that each example attends only
+      to itself with positions from 0;
+    - ``task_index`` is that of the row's first example (-1 for no task).
+
+    ``packing_report`` holds the example / row counts and the fill fraction.
+    """
+
+    def _rows(self, kept: list[_SFTItem], *, seed: int, shuffle: bool) -> list[list[_SFTItem]]:
+        # Shuffle before packing so a row does not gather neighbours of the input file.
+        order = (np.random.default_rng(seed).permutation(len(kept)) if shuffle
+                 else np.arange(len(kept)))
+        lengths = [len(kept[i][0]) + len(kept[i][1]) for i in order]
+        rows = [[kept[order[i]] for i in row] for row in pack_greedy(lengths, self.max_length)]
+        self.packing_report = PackingReport(num_examples=len(kept), num_rows=len(rows),
+                                            num_tokens=sum(lengths), max_length=self.max_length)
+        return rows
+
+    def _encode(self, row: list[_SFTItem]) -> dict[str, np.ndarray]:
+        return _encode_sft_row(row, self.max_length, self.pad_token_id)
+
+
+def _encode_sft_row(examples: Sequence[_SFTItem], max_length: int, pad_token_id: int
+                    ) -> dict[str, np.ndarray]:
+    """One row holding ``examples`` (prompt ids, response ids, task index) back to back,
+    right-padded to ``max_length``: ``[max_length]`` arrays as in ``PackedSFTDataset``."""
+    ids = np.full(max_length, pad_token_id, np.int32)
+    loss_mask = np.zeros(max_length, bool)
+    segment_ids = np.zeros(max_length, np.int32)
+    start = 0
+    for segment, (prompt, response, _) in enumerate(examples, 1):
+        middle, end = start + len(prompt), start + len(prompt) + len(response)
+        ids[start:middle], ids[middle:end] = prompt, response
+        loss_mask[middle:end] = True
+        segment_ids[start:end] = segment
+        start = end
+    return {"input_ids": ids, "attention_mask": segment_ids > 0, "loss_mask": loss_mask,
+            "segment_ids": segment_ids, "task_index": np.int32(examples[0][2])}

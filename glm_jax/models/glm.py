@@ -7,6 +7,8 @@ Numerics match transformers' `GlmModel` / `Glm4Model`.
 
 Position ids are derived from the attention mask (count of real tokens before a token), so a
 left-padded row gives the same result as the same row unpadded, with or without the cache.
+Optional segment ids pack several sequences into one row (SFT packing): each token then sees
+only its own sequence, whose positions restart at 0, as if it ran alone.
 """
 
 from __future__ import annotations
@@ -162,12 +164,15 @@ class Attention(nnx.Module):
         return y
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv_mask: jax.Array,
-                 cache_kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None
+                 cache_kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
+                 segment_ids: jax.Array | None = None,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x: `[batch, length, embed]` -> (`[batch, length, embed]`, updated layer cache).
 
         kv_mask: `[batch, kv_length]` real-token mask over the keys (the cache slots when
         cached); causality is by slot: the query written at slot i sees slots <= i.
+        segment_ids: optional `[batch, length]` int (uncached only); a query sees only keys of
+        its own segment, making the causal mask block-diagonal.
         """
         cfg = self.config
         q = constrain(self._project(x, "q"), ("batch", "length", "heads", "head_dim"))
@@ -187,6 +192,8 @@ class Attention(nnx.Module):
             q_slots = cache_index + jnp.arange(length)
         kv_slots = jnp.arange(k.shape[1])
         mask = kv_mask[:, None, :] & (kv_slots[None, None, :] <= q_slots[None, :, None])
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
         q = q.reshape(*q.shape[:2], cfg.num_key_value_heads, groups, cfg.head_dim)
@@ -231,10 +238,11 @@ class DecoderLayer(nnx.Module):
             self.post_mlp_layernorm = RMSNorm(config, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv_mask: jax.Array,
-                 cache_kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None
+                 cache_kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
+                 segment_ids: jax.Array | None = None,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn, cache_kv = self.self_attn(self.input_layernorm(x), positions, kv_mask, cache_kv,
-                                        cache_index)
+                                        cache_index, segment_ids)
         if self.use_post_norms:
             attn = self.post_self_attn_layernorm(attn)
         x = x + attn
@@ -254,6 +262,22 @@ def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | int = 0) 
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1 + offset, 0) * (mask > 0)
 
 
+def positions_from_segments(attention_mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its segment: real tokens of the same segment before it;
+    padding gets 0. `positions_from_mask` of each segment on its own, for packed rows.
+
+    attention_mask, segment_ids: `[batch, length]`; each segment's tokens are contiguous.
+    """
+    mask = attention_mask.astype(jnp.int32)
+    seen = jnp.cumsum(mask, axis=-1)  # real tokens up to and including t
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1)
+    # Real tokens before the start of t's segment: `seen` is non-decreasing, so a running max
+    # carries the value taken at the latest segment start.
+    before = jax.lax.cummax(jnp.where(starts, seen - mask, 0), axis=1)
+    return jnp.maximum(seen - 1 - before, 0) * (mask > 0)
+
+
 class GlmModel(nnx.Module):
     """The decoder stack up to and including the final norm (shared by every head)."""
 
@@ -267,16 +291,26 @@ class GlmModel(nnx.Module):
         self.norm = RMSNorm(config, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
         """input_ids: `[batch, length]` -> (hidden `[batch, length, embed]`, updated cache).
 
         With a cache, the tokens are written at slot `cache.index` and attend to every real
         token already in the cache.
+        segment_ids: optional `[batch, length]` int, packed rows (no cache): 0 is padding,
+        1..k the k-th sequence of the row, each contiguous. A token attends only to earlier or
+        same positions of its own segment and positions restart at 0 in each segment.
         """
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         attention_mask = attention_mask.astype(bool)
-        if cache is None:
+        if segment_ids is not None:
+            attention_mask = attention_mask & (segment_ids > 0)  # segment 0 is padding
+            positions = positions_from_segments(attention_mask, segment_ids)
+            kv_mask = attention_mask
+        elif cache is None:
             positions = positions_from_mask(attention_mask)
             kv_mask = attention_mask
         else:
@@ -291,7 +325,7 @@ class GlmModel(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             x, layer_cache = layer(x, positions, kv_mask, layer_cache,
-                                   None if cache is None else cache.index)
+                                   None if cache is None else cache.index, segment_ids)
             if cache is not None:
                 keys.append(layer_cache[0])
                 values.append(layer_cache[1])

@@ -29,13 +29,16 @@ class GlmForCausalLM(nnx.Module):
         return jnp.einsum("...e,ve->...v", hidden, kernel, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+                 cache: KVCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
         """input_ids, attention_mask: `[batch, length]`.
 
+        segment_ids: optional `[batch, length]` int for packed rows (0 = padding, 1..k = the
+        k-th sequence of the row; not with a cache): each sequence is computed as if alone.
         Returns float32 logits `[batch, length, vocab]`, or `(logits, cache)` when a cache is
         given.
         """
-        hidden, new_cache = self.model(input_ids, attention_mask, cache)
+        hidden, new_cache = self.model(input_ids, attention_mask, cache, segment_ids)
         logits = constrain(self.logits(hidden), ("batch", "length", "vocab"))
         return logits if cache is None else (logits, new_cache)
 

@@ -67,6 +67,10 @@ def load_model_config(workdir: str | Path) -> GlmConfig:
     return GlmConfig(**fields)
 
 
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
 def load_trained_model(workdir: str | Path, model_cls: type[nnx.Module],
                        mesh: Mesh | None = None, step: int | None = None) -> nnx.Module:
     """The `model_cls` trained in `workdir` (its latest checkpoint unless `step`), with
@@ -74,12 +78,13 @@ def load_trained_model(workdir: str | Path, model_cls: type[nnx.Module],
     config = load_model_config(workdir)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0))))
     if mesh is not None:
-        shardings = state_shardings(params, mesh)
+        shardings = state_shardings(params, mesh)  # one NamedSharding per Variable
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, params)
-    target = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                          params, shardings)
+        shardings = jax.tree.map(lambda _: device, params, is_leaf=_is_variable)
+    target = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+        params, shardings, is_leaf=_is_variable)
     checkpointer = Checkpointer(Path(workdir) / "checkpoints")
     try:
         step = checkpointer.latest_step() if step is None else step

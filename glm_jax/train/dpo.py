@@ -1,13 +1,25 @@
-"""Direct preference optimisation on annotated pairs (paper 3.4, equation 7).
+"""Direct preference optimisation (paper 3.4, equation 7), in three modes (`config.dpo.mode`).
 
-The reference policy is the initial (SFT) model, frozen: its sequence log-probs are computed
-once for every pair before training and looked up by `pair_index`, so each step runs only the
-policy. An optional SFT term on the chosen responses keeps the policy's capabilities.
+- "offline": annotated pairs from `dpo.train_file`.
+- "reward_pairs": the paper's recipe. Before training, the initial policy samples `num_samples`
+  responses to each prompt of `dpo.prompt_file`, the reward model `dpo.reward_model` scores
+  them, and each prompt whose best and worst responses differ by more than `pair_margin` gives
+  one (best, worst) pair; the pairs are written to WORKDIR/reward_pairs.jsonl and trained on
+  exactly as in "offline".
+- "online": the same pair construction at every step, from the current policy: sampling,
+  scoring, pairing, the reference's log-probs and the update are one jitted program.
+
+The reference policy is always the initial model, frozen. Offline (and reward_pairs) compute
+its sequence log-probs once for every pair before training and look them up by `pair_index`;
+online passes its parameters to the step. An optional SFT term on the chosen responses keeps
+the policy's capabilities.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,21 +29,41 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from glm_jax.data.pipeline import PreferenceDataset
-from glm_jax.data.records import PreferencePair, read_jsonl
-from glm_jax.losses import dpo_loss, sequence_logprobs, token_logprobs
-from glm_jax.models.heads import GlmForCausalLM
+from glm_jax.data.pipeline import PreferenceDataset, _BatchedDataset, _check_batching
+from glm_jax.data.records import (
+    PreferencePair,
+    PromptExample,
+    SFTExample,
+    read_jsonl,
+    write_jsonl,
+)
+from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
+from glm_jax.losses import dpo_loss, masked_mean, sequence_logprobs, token_logprobs
+from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
+from glm_jax.sharding import shard_state
 from glm_jax.train import loop
+from glm_jax.train.checkpoint import load_trained_model
 from glm_jax.train.common import (
+    is_main_process,
     mesh_from_config,
     model_from_config,
     template_from_config,
     tokenizer_from_config,
 )
 from glm_jax.train.loop import batch_sharding, run_stage, to_device
+from glm_jax.train.reward import score_responses
+from glm_jax.train.rollout import (
+    SamplingSettings,
+    ScoredSamples,
+    encode_prompts,
+    sample_and_score,
+    sample_prompts,
+    sequence,
+)
 from glm_jax.train.state import (
     TrainState,
     init_train_state,
@@ -39,14 +71,36 @@ from glm_jax.train.state import (
     shardings_of,
 )
 
+MODES = ("offline", "reward_pairs", "online")
+PAIRS_FILE = "reward_pairs.jsonl"
+# What the pairs in PAIRS_FILE were built from; a resumed run reuses them only if it matches.
+PAIRS_SETTINGS_FILE = "reward_pairs.settings.json"
+
 _PAIR_KEYS = ("chosen_ids", "chosen_mask", "chosen_response_mask", "rejected_ids",
               "rejected_mask", "rejected_response_mask")
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective, shared by every mode.
+# ---------------------------------------------------------------------------------------------
+
+def _valid(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """`[batch]` bool: the pairs that count (online: reward gap > margin); offline: all."""
+    if "valid" in batch:
+        return batch["valid"]
+    return jnp.ones(batch["chosen_ids"].shape[:1], bool)
 
 
 def pair_logps(model: GlmForCausalLM, batch: Mapping[str, jax.Array]
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sequence log-probs of the chosen and rejected responses `[batch]` each (one forward
-    pass over both), and the chosen responses' mean token NLL (the optional SFT term)."""
+    pass over both), and the mean token NLL of the valid pairs' chosen responses (the
+    optional SFT term).
+
+    batch: `{chosen,rejected}_{ids,mask,response_mask}` `[batch, length]` (token t is
+    predicted from position t - 1, so a response mask never covers position 0); optional
+    `valid` `[batch]` bool.
+    """
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
     response = jnp.concatenate([batch["chosen_response_mask"],
@@ -54,11 +108,62 @@ def pair_logps(model: GlmForCausalLM, batch: Mapping[str, jax.Array]
     token_logps = token_logprobs(model(ids, mask)[:, :-1], ids[:, 1:])  # token t+1 from t
     logps = sequence_logprobs(token_logps, response)
     size = batch["chosen_ids"].shape[0]
-    chosen_tokens = response[:size]
-    chosen_nll = -jnp.sum(jnp.where(chosen_tokens, token_logps[:size], 0.0)) / jnp.maximum(
-        jnp.sum(chosen_tokens), 1)
+    chosen_tokens = response[:size] & _valid(batch)[:, None]
+    chosen_nll = masked_mean(-token_logps[:size], chosen_tokens)
     return logps[:size], logps[size:], chosen_nll
 
+
+def masked_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
+                    ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array, beta: float,
+                    valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`losses.dpo_loss` averaged over the pairs where `valid` `[batch]` is true only.
+
+    A batch without a valid pair gives loss 0 and gradient 0 (never 0/0): the invalid pairs'
+    losses are dropped by `jnp.where` before the sum, so nothing of theirs reaches the value
+    or the gradient. Returns (loss: float32 scalar, implicit rewards of chosen and rejected
+    `[batch]` float32, gradient-stopped).
+    """
+    def one_pair(*logps: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return dpo_loss(*(x[None] for x in logps), beta)
+
+    losses, chosen, rejected = jax.vmap(one_pair)(policy_chosen_logps, policy_rejected_logps,
+                                                  ref_chosen_logps, ref_rejected_logps)
+    return masked_mean(losses, valid), chosen[:, 0], rejected[:, 0]
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, beta: float, sft_coef: float) -> loop.LossFn:
+    """`(params, batch) -> (loss, metrics)`: DPO (+ `sft_coef` * chosen NLL) on a pair batch
+    carrying the reference's `ref_chosen_logps` / `ref_rejected_logps` `[batch]`; metrics are
+    over the valid pairs."""
+
+    def loss_fn(params: Any, batch: Mapping[str, jax.Array]):
+        chosen, rejected, chosen_nll = pair_logps(nnx.merge(graphdef, params), batch)
+        valid = _valid(batch)
+        dpo, chosen_r, rejected_r = masked_dpo_loss(
+            chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta,
+            valid)
+        metrics = {"dpo_loss": dpo, "sft_nll": chosen_nll,
+                   "reward_accuracy": masked_mean(chosen_r > rejected_r, valid),
+                   "reward_margin": masked_mean(chosen_r - rejected_r, valid),
+                   "chosen_reward": masked_mean(chosen_r, valid),
+                   "rejected_reward": masked_mean(rejected_r, valid)}
+        return dpo + sft_coef * chosen_nll, metrics
+
+    return loss_fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, beta: float, sft_coef: float,
+                    state_sharding: Any, batch_sharding: Any):
+    """The jitted offline DPO step `(state, batch) -> (state, metrics)`; the batch carries the
+    cached `ref_chosen_logps` / `ref_rejected_logps` `[batch]`."""
+    return loop.make_train_step(make_loss_fn(graphdef, beta, sft_coef), tx, schedule,
+                                state_sharding, batch_sharding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline: reference log-probs computed once per pair.
+# ---------------------------------------------------------------------------------------------
 
 @partial(jax.jit, static_argnums=0)
 def _pair_logps_jit(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array]):
@@ -110,25 +215,6 @@ class WithReference:
         self.batches.set_state(state)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, beta: float, sft_coef: float,
-                    state_sharding: Any, batch_sharding: Any):
-    """The jitted DPO step `(state, batch) -> (state, metrics)`; the batch carries the cached
-    `ref_chosen_logps` / `ref_rejected_logps` `[batch]`."""
-
-    def loss_fn(params: Any, batch: Mapping[str, jax.Array]):
-        chosen, rejected, chosen_nll = pair_logps(nnx.merge(graphdef, params), batch)
-        dpo, chosen_r, rejected_r = dpo_loss(chosen, rejected, batch["ref_chosen_logps"],
-                                             batch["ref_rejected_logps"], beta)
-        metrics = {"dpo_loss": dpo, "sft_nll": chosen_nll,
-                   "reward_accuracy": jnp.mean((chosen_r > rejected_r).astype(jnp.float32)),
-                   "reward_margin": jnp.mean(chosen_r - rejected_r),
-                   "chosen_reward": jnp.mean(chosen_r), "rejected_reward": jnp.mean(rejected_r)}
-        return dpo + sft_coef * chosen_nll, metrics
-
-    return loop.make_train_step(loss_fn, tx, schedule, state_sharding, batch_sharding)
-
-
 def _dataset(pairs: list[PreferencePair], tokenizer, template, config: ConfigDict,
              **kwargs: Any) -> PreferenceDataset:
     data = config.data
@@ -148,50 +234,387 @@ def implicit_reward_accuracy(graphdef: nnx.GraphDef, params: Any, dataset: Prefe
             "reward_margin": float(np.mean(rewards[:, 0] - rewards[:, 1]))}
 
 
-def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """DPO of the policy in `config` on `dpo.train_file` (reference: the initial model), in
-    `workdir`, resuming from its latest checkpoint; exports the policy to `workdir/hf`."""
+# ---------------------------------------------------------------------------------------------
+# Pairs built by the reward model (paper 3.4).
+# ---------------------------------------------------------------------------------------------
+
+def select_pairs(rewards: jax.Array, margin: float, candidates: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The best and worst response of each prompt, and whether they make a pair.
+
+    rewards: `[n, num_samples]` float. candidates: `[n, num_samples]` bool, the responses
+    allowed in a pair (default: all). Traceable; numpy inputs work too.
+    Returns best, worst: `[n]` int32, the indices of the highest / lowest reward among the
+    candidates (the first on ties); valid: `[n]` bool, true where best and worst are two
+    different candidates whose rewards differ by more than `margin`.
+    """
+    rewards = jnp.asarray(rewards, jnp.float32)
+    candidates = (jnp.ones(rewards.shape, bool) if candidates is None
+                  else jnp.asarray(candidates, bool))
+    best = jnp.argmax(jnp.where(candidates, rewards, -jnp.inf), axis=-1).astype(jnp.int32)
+    worst = jnp.argmin(jnp.where(candidates, rewards, jnp.inf), axis=-1).astype(jnp.int32)
+    gap = (jnp.take_along_axis(rewards, best[:, None], axis=-1)
+           - jnp.take_along_axis(rewards, worst[:, None], axis=-1))[:, 0]
+    # With fewer than two candidates argmax and argmin can land on the same (or a non-
+    # candidate) response; such a prompt has no pair whatever the margin.
+    valid = (jnp.sum(candidates, axis=-1) >= 2) & (best != worst) & (gap > margin)
+    return best, worst, valid
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredPair:
+    """A reward-built pair and the rewards of its two responses (kept in the JSONL file as
+    `chosen_reward` / `rejected_reward`, which `read_jsonl` ignores)."""
+
+    pair: PreferencePair
+    chosen_reward: float
+    rejected_reward: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.pair.to_json(), "chosen_reward": self.chosen_reward,
+                "rejected_reward": self.rejected_reward}
+
+
+def pairs_from_samples(prompts: Sequence[PromptExample], samples: ScoredSamples,
+                       texts: Sequence[Sequence[str]], margin: float) -> list[ScoredPair]:
+    """One (best, worst) pair per prompt whose reward gap exceeds `margin`, in prompt order.
+
+    samples: `num_samples` scored responses per prompt (`rewards` `[n, num_samples]`);
+    texts: `[n][num_samples]` their decoded texts. A response whose text is empty (only EOS
+    or special tokens) cannot be part of a pair: a preference file has no empty responses.
+    The pair's `id` is the prompt's index in `prompts`.
+    """
+    candidates = np.array([[bool(text.strip()) for text in row] for row in texts],
+                          bool).reshape(samples.rewards.shape)
+    best, worst, valid = (np.asarray(x) for x in
+                          select_pairs(samples.rewards, margin, candidates))
+    out = []
+    for index in np.nonzero(valid)[0]:
+        prompt, b, w = prompts[index], best[index], worst[index]
+        out.append(ScoredPair(
+            PreferencePair(prompt=prompt.prompt, chosen=texts[index][b],
+                           rejected=texts[index][w], history=prompt.history,
+                           task=prompt.task, id=str(index)),
+            chosen_reward=float(samples.rewards[index, b]),
+            rejected_reward=float(samples.rewards[index, w])))
+    return out
+
+
+def _pair_settings(config: ConfigDict) -> dict[str, Any]:
+    """Everything the reward-built pairs depend on."""
     dpo, data = config.dpo, config.data
-    if not dpo.train_file:
+    return {"prompt_file": str(Path(dpo.prompt_file).absolute()),
+            "reward_model": str(Path(dpo.reward_model).absolute()),
+            "model": config.model.to_dict(), "seed": config.seed,
+            "tokenizer": data.tokenizer, "template": data.template,
+            "max_prompt_tokens": data.max_prompt_tokens,
+            "max_response_tokens": data.max_response_tokens,
+            **{name: dpo[name] for name in ("num_samples", "pair_margin", "temperature",
+                                            "top_k", "top_p", "batch_size")}}
+
+
+def _read_prompts(config: ConfigDict) -> list[PromptExample]:
+    prompts, report = read_jsonl(config.dpo.prompt_file, "prompt",
+                                 on_error=config.data.on_error)
+    if report.num_skipped:
+        print(f"{config.dpo.prompt_file}: skipped {report.num_skipped} bad lines "
+              f"(first: {report.first_skipped_lines})")
+    if not prompts:
+        raise ValueError(f"config.dpo.prompt_file = {config.dpo.prompt_file!r} has no prompts")
+    return prompts
+
+
+def _load_reward_model(config: ConfigDict, mesh: Mesh, policy: GlmForCausalLM
+                       ) -> GlmRewardModel:
+    # Loaded on one device, then sharded: `load_trained_model(..., mesh)` fails on the tree
+    # structure of its shardings (an nnx Variable vs a NamedSharding per leaf).
+    graphdef, params = nnx.split(load_trained_model(config.dpo.reward_model, GlmRewardModel))
+    reward_model = nnx.merge(graphdef, shard_state(params, mesh))
+    # The reward model reads the policy's token ids: a different vocabulary would score
+    # garbage without any error.
+    if reward_model.config.vocab_size != policy.config.vocab_size:
+        raise ValueError(f"config.dpo.reward_model = {config.dpo.reward_model!r} has "
+                         f"vocab_size {reward_model.config.vocab_size}, the policy "
+                         f"{policy.config.vocab_size}: they must share one tokenizer")
+    return reward_model
+
+
+def reward_pairs(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
+                 tokenizer: Tokenizer, template: ChatTemplate, mesh: Mesh
+                 ) -> list[PreferencePair]:
+    """The pairs of mode "reward_pairs": built with `policy` (the initial model) and written to
+    `workdir/reward_pairs.jsonl`, or read back from there when an earlier run with the same
+    settings wrote it (a resumed run must train on the same pairs, not on new samples).
+
+    The rewards that decide the pairs are those of the responses' texts as DPO will tokenize
+    them (`reward.score_responses`), not of the sampled tokens: decode -> encode is not the
+    identity (special tokens are dropped, BPE can merge differently) and a response cut at the
+    length limit gets an EOS, so only the re-read rewards are those of what DPO trains on.
+    """
+    dpo, data = config.dpo, config.data
+    path, settings_path = workdir / PAIRS_FILE, workdir / PAIRS_SETTINGS_FILE
+    settings = _pair_settings(config)
+    if path.exists():
+        saved = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+        changed = sorted(k for k in settings.keys() | saved.keys()
+                         if settings.get(k) != saved.get(k))
+        if changed:
+            raise ValueError(f"{path} was built with other settings (differing: "
+                             f"{', '.join(changed)}; see {settings_path}): use a fresh workdir, "
+                             "or delete the file to rebuild the pairs")
+        pairs, _ = read_jsonl(path, "preference")
+        print(f"{path}: reusing {len(pairs)} reward-built pairs")
+        return pairs
+
+    prompts = _read_prompts(config)
+    reward_model = _load_reward_model(config, mesh, policy)
+    ids, mask = encode_prompts(prompts, tokenizer, template, data.max_prompt_tokens)
+    # One token short of the limit: a response cut there still fits with the EOS that
+    # tokenization appends.
+    sampling = SamplingSettings.from_config(dpo, tokenizer, data.max_response_tokens - 1)
+    samples = sample_prompts(policy, reward_model, ids, mask, num_samples=dpo.num_samples,
+                             batch_size=dpo.batch_size * dpo.num_samples, settings=sampling,
+                             seed=config.seed, mesh=mesh, desc="sampling pairs")
+    texts = samples.texts(tokenizer)
+    examples = [SFTExample(prompt=p.prompt, response=text, history=p.history, task=p.task)
+                for p, row in zip(prompts, texts, strict=True) for text in row]
+    rewards = score_responses(reward_model, tokenizer, template, examples, config)["score"]
+    rescored = dataclasses.replace(samples, rewards=rewards.reshape(samples.rewards.shape))
+    scored = pairs_from_samples(prompts, rescored, texts, dpo.pair_margin)
+    moved = float(np.mean(np.abs(rescored.rewards - samples.rewards) > 1e-3))
+    print(f"{path}: {len(scored)} of {len(prompts)} prompts gave a pair (reward gap > "
+          f"{dpo.pair_margin} among {dpo.num_samples} samples); mean sample reward "
+          f"{float(np.mean(rescored.rewards)):.4f}; {moved:.0%} of the responses score "
+          "differently as re-tokenized text")
+    if not scored:
+        raise ValueError(f"no prompt of {dpo.prompt_file} gave a pair: lower "
+                         f"config.dpo.pair_margin (now {dpo.pair_margin}) or raise "
+                         f"config.dpo.num_samples (now {dpo.num_samples})")
+    if is_main_process():
+        # Settings first: a pairs file never exists without the settings it was built with.
+        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+        write_jsonl(path, scored)
+    return [s.pair for s in scored]
+
+
+# ---------------------------------------------------------------------------------------------
+# Online: sample, score, pair and update in one jitted step.
+# ---------------------------------------------------------------------------------------------
+
+class PromptBatches(_BatchedDataset):
+    """Batches of left-padded prompts for online DPO, shuffled with `seed` and repeated
+    forever: `prompt_ids` `[batch, P]` int32 and `prompt_mask` `[batch, P]` bool (this
+    process's rows of each global batch). `iter()` is a grain iterator with get_state /
+    set_state, so a resumed run sees the same prompts."""
+
+    def __init__(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, batch_size: int,
+                 seed: int, process_index: int = 0, process_count: int = 1):
+        _check_batching(batch_size, True, process_index, process_count)
+        if not len(prompt_ids):
+            raise ValueError("no prompts to batch")
+        self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask
+        self._batch(list(range(len(prompt_ids))), self._encode, batch_size=batch_size,
+                    seed=seed, shuffle=True, num_epochs=None, drop_remainder=True,
+                    process_index=process_index, process_count=process_count)
+
+    def _encode(self, row: int) -> dict[str, np.ndarray]:
+        return {"prompt_ids": self.prompt_ids[row], "prompt_mask": self.prompt_mask[row]}
+
+
+def sample_pairs(policy: GlmForCausalLM, reference: GlmForCausalLM, reward_model: nnx.Module,
+                 prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
+                 settings: SamplingSettings, num_samples: int, margin: float
+                 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Traceable: `num_samples` responses from `policy` to each of the `[batch, P]` prompts,
+    scored by `reward_model`, and each prompt's best and worst as a pair batch.
+
+    Returns (pairs, stats). pairs: `{chosen,rejected}_{ids,mask,response_mask}` `[batch, P + R]`
+    (sequence `[prompt | response]`, the response mask covering the response up to and
+    including EOS, as in PPO), `valid` `[batch]` bool (reward gap > margin) and the
+    reference's sequence log-probs `ref_chosen_logps` / `ref_rejected_logps` `[batch]`.
+    stats: float32 scalars about the samples.
+    """
+    batch = prompt_ids.shape[0]
+    # Row b * num_samples + s is sample s of prompt b: each device keeps its own prompts'
+    # samples, and a reshape gives `[batch, num_samples, ...]`.
+    ids = jnp.repeat(prompt_ids, num_samples, axis=0)
+    mask = jnp.repeat(prompt_mask, num_samples, axis=0)
+    out, rewards = sample_and_score(policy, reward_model, ids, mask, rng, settings)
+    seq_ids, seq_mask = sequence(ids, mask, out)
+    response_mask = jnp.concatenate([jnp.zeros_like(mask), out.response_mask], axis=1)
+    rewards = rewards.reshape(batch, num_samples)
+    best, worst, valid = select_pairs(rewards, margin)
+
+    def pick(x: jax.Array, index: jax.Array) -> jax.Array:
+        x = x.reshape(batch, num_samples, *x.shape[1:])
+        return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+
+    pairs = {"valid": valid}
+    for name, index in (("chosen", best), ("rejected", worst)):
+        pairs[f"{name}_ids"] = pick(seq_ids, index)
+        pairs[f"{name}_mask"] = pick(seq_mask, index)
+        pairs[f"{name}_response_mask"] = pick(response_mask, index)
+    ref_chosen, ref_rejected, _ = pair_logps(reference, pairs)
+    pairs["ref_chosen_logps"] = jax.lax.stop_gradient(ref_chosen)
+    pairs["ref_rejected_logps"] = jax.lax.stop_gradient(ref_rejected)
+
+    def score_of(index: jax.Array) -> jax.Array:
+        return jnp.take_along_axis(rewards, index[:, None], axis=1)[:, 0]
+
+    stats = {"pair_fraction": jnp.mean(valid.astype(jnp.float32)),
+             "score_mean": jnp.mean(rewards),
+             "score_chosen": masked_mean(score_of(best), valid),
+             "score_rejected": masked_mean(score_of(worst), valid),
+             "response_length": jnp.mean(jnp.sum(out.response_mask, axis=1,
+                                                 dtype=jnp.float32)),
+             "eos_fraction": jnp.mean(out.ended_with_eos.astype(jnp.float32))}
+    return pairs, stats
+
+
+def make_online_step(graphdef: nnx.GraphDef, reward_graphdef: nnx.GraphDef,
+                     settings: SamplingSettings, tx: optax.GradientTransformation,
+                     schedule: optax.Schedule, *, beta: float, sft_coef: float,
+                     num_samples: int, margin: float, seed: int, mesh: Mesh,
+                     state_sharding: Any, reward_sharding: Any, prompt_sharding: Any):
+    """The jitted online DPO step
+    `(state, reference_params, reward_params, prompts) -> (state, metrics)`.
+
+    prompts: `prompt_ids` / `prompt_mask` `[batch, P]` (left-padded). reference_params: the
+    frozen initial policy's parameters (same structure and shardings as `state.params`);
+    reward_params: those of the reward model `reward_graphdef`. Neither is differentiated.
+    The sampling key of step k is `fold_in(key(seed), k)`: a resumed run samples the same.
+    The update is `loop.make_train_step`'s on the `sample_pairs` batch; metrics add the
+    sampling stats to the loss function's. The state's buffers are donated.
+    """
+    loss_fn = make_loss_fn(graphdef, beta, sft_coef)
+
+    def step(state: TrainState, reference_params: Any, reward_params: Any,
+             prompts: Mapping[str, jax.Array]):
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        pairs, stats = sample_pairs(
+            nnx.merge(graphdef, state.params), nnx.merge(graphdef, reference_params),
+            nnx.merge(reward_graphdef, reward_params), prompts["prompt_ids"],
+            prompts["prompt_mask"], rng, settings, num_samples, margin)
+        # Nested in this jit, the shared update compiles into the same program; its batch
+        # shardings split the pairs over the data-parallel axes like the prompts.
+        update = loop.make_train_step(loss_fn, tx, schedule, state_sharding,
+                                      batch_sharding(mesh, pairs))
+        state, metrics = update(state, pairs)
+        return state, {**metrics, **stats}
+
+    return jax.jit(step, in_shardings=(state_sharding, state_sharding.params, reward_sharding,
+                                       prompt_sharding),
+                   out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer.
+# ---------------------------------------------------------------------------------------------
+
+def _check_config(dpo: ConfigDict) -> str:
+    mode = dpo.mode
+    if mode not in MODES:
+        raise ValueError(f"config.dpo.mode = {mode!r}; valid values: {', '.join(MODES)}")
+    if mode == "offline" and not dpo.train_file:
         raise ValueError("config.dpo.train_file is empty: set it to a preference JSONL file "
                          "(e.g. --config.dpo.train_file=data/pairs.jsonl)")
+    if mode != "offline":
+        if not dpo.prompt_file:
+            raise ValueError(f"config.dpo.prompt_file is empty: mode {mode!r} samples "
+                             "responses to a prompt JSONL file (e.g. "
+                             "--config.dpo.prompt_file=data/prompts.jsonl)")
+        if not dpo.reward_model:
+            raise ValueError(f"config.dpo.reward_model is empty: mode {mode!r} scores the "
+                             "samples with a trained reward model; set it to a reward-model "
+                             "workdir (e.g. --config.dpo.reward_model=runs/rm)")
+        if dpo.num_samples < 2:
+            raise ValueError(f"config.dpo.num_samples = {dpo.num_samples}: a pair needs at "
+                             "least 2 samples per prompt")
+        if dpo.pair_margin < 0:
+            raise ValueError(f"config.dpo.pair_margin = {dpo.pair_margin} must be >= 0")
+    return mode
+
+
+def _eval_fn(config: ConfigDict, graphdef: nnx.GraphDef, initial_params: Any, tokenizer,
+             template, mesh: Mesh):
+    """Implicit-reward accuracy on `dpo.eval_file` (annotated pairs), or None without one."""
+    dpo = config.dpo
+    if not dpo.eval_file:
+        return None
+    eval_pairs, _ = read_jsonl(dpo.eval_file, "preference", on_error=config.data.on_error)
+    eval_data = _dataset(eval_pairs, tokenizer, template, config, shuffle=False, num_epochs=1,
+                         drop_remainder=False)
+    eval_reference = reference_logps(graphdef, initial_params, eval_data, mesh,
+                                     eval_data.report.num_kept, dpo.batch_size)
+
+    def eval_fn(state: TrainState) -> dict[str, Any]:
+        return implicit_reward_accuracy(graphdef, state.params, eval_data, eval_reference,
+                                        dpo.beta, mesh)
+
+    return eval_fn
+
+
+def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """DPO of the policy in `config` (reference: the initial model) in mode `dpo.mode`, in
+    `workdir`, resuming from its latest checkpoint; exports the policy to `workdir/hf`."""
+    dpo, data = config.dpo, config.data
+    mode = _check_config(dpo)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
-    pairs, _ = read_jsonl(dpo.train_file, "preference", on_error=data.on_error)
-    train_data = _dataset(pairs, tokenizer, template, config, seed=config.seed,
-                          process_index=jax.process_index(), process_count=jax.process_count())
-    print(f"{dpo.train_file}: {train_data.report}")
-
     model = model_from_config(config, "lm", mesh)
     model_config = model.config
     graphdef, initial_params = nnx.split(model)
-    in_order = _dataset(pairs, tokenizer, template, config, shuffle=False, num_epochs=1,
-                        drop_remainder=False)
-    reference = reference_logps(graphdef, initial_params, in_order, mesh,
-                                train_data.report.num_kept, dpo.batch_size)
-    eval_fn = None
-    if dpo.eval_file:
-        eval_pairs, _ = read_jsonl(dpo.eval_file, "preference", on_error=data.on_error)
-        eval_data = _dataset(eval_pairs, tokenizer, template, config, shuffle=False,
-                             num_epochs=1, drop_remainder=False)
-        eval_reference = reference_logps(graphdef, initial_params, eval_data, mesh,
-                                         eval_data.report.num_kept, dpo.batch_size)
-
-        def eval_fn(state: TrainState) -> dict[str, Any]:
-            return implicit_reward_accuracy(graphdef, state.params, eval_data, eval_reference,
-                                            dpo.beta, mesh)
-
+    eval_fn = _eval_fn(config, graphdef, initial_params, tokenizer, template, mesh)
     tx, schedule = optimizer_from_config(dpo)
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+    if mode == "online":
+        reward_model = _load_reward_model(config, mesh, model)
+        reward_graphdef, reward_params = nnx.split(reward_model)
+        prompts = _read_prompts(config)
+        ids, mask = encode_prompts(prompts, tokenizer, template, data.max_prompt_tokens)
+        print(f"{dpo.prompt_file}: {len(prompts)} prompts; each step samples "
+              f"{dpo.num_samples} responses to each of {dpo.batch_size}")
+        batches = iter(PromptBatches(ids, mask, batch_size=dpo.batch_size, seed=config.seed,
+                                     **process))
+        # A copy: the train state's buffers are donated at every step, the reference's
+        # must outlive them.
+        reference_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                   out_shardings=shardings_of(initial_params))(initial_params)
+        sampling = SamplingSettings.from_config(dpo, tokenizer, data.max_response_tokens)
+
+        def make_step(shardings):
+            step = make_online_step(
+                graphdef, reward_graphdef, sampling, tx, schedule, beta=dpo.beta,
+                sft_coef=dpo.sft_coef, num_samples=dpo.num_samples, margin=dpo.pair_margin,
+                seed=config.seed, mesh=mesh, state_sharding=shardings_of(state),
+                reward_sharding=shardings_of(reward_params), prompt_sharding=shardings)
+            return lambda state, prompts: step(state, reference_params, reward_params,
+                                               prompts)
+    else:
+        if mode == "offline":
+            pairs, _ = read_jsonl(dpo.train_file, "preference", on_error=data.on_error)
+            source = dpo.train_file
+        else:
+            pairs = reward_pairs(config, workdir, model, tokenizer, template, mesh)
+            source = str(workdir / PAIRS_FILE)
+        train_data = _dataset(pairs, tokenizer, template, config, seed=config.seed, **process)
+        print(f"{source}: {train_data.report}")
+        in_order = _dataset(pairs, tokenizer, template, config, shuffle=False, num_epochs=1,
+                            drop_remainder=False)
+        reference = reference_logps(graphdef, initial_params, in_order, mesh,
+                                    train_data.report.num_kept, dpo.batch_size)
+        batches = WithReference(iter(train_data), reference)
+
+        def make_step(shardings):
+            return make_train_step(graphdef, tx, schedule, dpo.beta, dpo.sft_coef,
+                                   shardings_of(state), shardings)
+
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, tx)
     del model, initial_params
-    batches = WithReference(iter(train_data), reference)
-    return run_stage(
-        config, dpo, workdir, graphdef=graphdef, state=state,
-        make_step=lambda shardings: make_train_step(graphdef, tx, schedule, dpo.beta,
-                                                    dpo.sft_coef, shardings_of(state),
-                                                    shardings),
-        batches=batches, mesh=mesh, model_config=model_config, tokenizer=tokenizer,
-        desc="DPO", eval_fn=eval_fn, export_hf=True)
+    return run_stage(config, dpo, workdir, graphdef=graphdef, state=state, make_step=make_step,
+                     batches=batches, mesh=mesh, model_config=model_config, tokenizer=tokenizer,
+                     desc=f"DPO ({mode})", eval_fn=eval_fn, export_hf=True)

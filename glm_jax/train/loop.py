@@ -25,7 +25,7 @@ from glm_jax.train.metrics import MetricsWriter
 from glm_jax.train.state import TrainState
 
 Batch = Mapping[str, np.ndarray]
-_HOST_ONLY = ("task_index", "pair_index")
+_HOST_ONLY = ("task_index", "pair_index", "prompt_index", "sft_task_index")
 StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
 
 
@@ -129,7 +129,8 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
     """What every stage does around its step: resume from `workdir/checkpoints`, record the
     resolved config, model config and tokenizer, run `train_loop` with the metrics writer,
     and (with `export_hf`) export the final model to `workdir/hf`. `section` is the stage's
-    config section (num_steps, eval_every, checkpoint_every, keep_checkpoints, log_every).
+    config section (num_steps, checkpoint_every, keep_checkpoints, log_every, and optionally
+    eval_every).
     Returns the last step's metrics."""
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=section.keep_checkpoints)
     state = resume(checkpointer, state, batches)
@@ -144,7 +145,7 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
         state, last = train_loop(
             state, make_step, batches, mesh=mesh, num_steps=section.num_steps,
             checkpointer=checkpointer, writer=writer, desc=desc, eval_fn=eval_fn,
-            eval_every=section.eval_every, checkpoint_every=section.checkpoint_every)
+            eval_every=section.get("eval_every", 0), checkpoint_every=section.checkpoint_every)
     finally:
         checkpointer.close()
         if writer:

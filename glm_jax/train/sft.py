@@ -1,5 +1,8 @@
 """Supervised fine-tuning: next-token loss on the response tokens only (paper 3.1 / 3.4).
 
+With `config.sft.packing`, each training row holds several whole examples (`PackedSFTDataset`)
+that the model keeps apart with segment ids: the loss is the unpacked one, with less padding.
+
 The final model is also exported as a Hugging Face directory (`workdir/hf`), which the reward
 model, PPO and DPO take as `config.model.init_checkpoint`.
 """
@@ -17,7 +20,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from glm_jax.data.pipeline import SFTDataset
+from glm_jax.data.pipeline import PackedSFTDataset, SFTDataset
 from glm_jax.data.records import SFTExample, read_jsonl
 from glm_jax.losses import entropy_from_logits, sft_loss
 from glm_jax.models.heads import GlmForCausalLM
@@ -40,10 +43,16 @@ from glm_jax.train.state import (
 def sft_batch_loss(model: GlmForCausalLM, batch: Mapping[str, jax.Array]
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token NLL over the response tokens of `batch` (`input_ids`,
-    `attention_mask`, `loss_mask`: `[batch, length]`), and logging stats."""
-    logits = model(batch["input_ids"], batch["attention_mask"])
+    `attention_mask`, `loss_mask`, optional `segment_ids` of packed rows: `[batch, length]`),
+    and logging stats."""
+    segment_ids = batch.get("segment_ids")
+    logits = model(batch["input_ids"], batch["attention_mask"], segment_ids=segment_ids)
     # Position t predicts token t + 1: the loss covers targets inside the response.
     loss_mask = batch["loss_mask"][:, 1:]
+    if segment_ids is not None:
+        # The last token of a packed example (its EOS) predicts nothing: the next token
+        # starts another example.
+        loss_mask = loss_mask & (segment_ids[:, 1:] == segment_ids[:, :-1])
     loss = sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], loss_mask)
     stats = {"entropy": entropy_from_logits(logits[:, :-1], loss_mask),
              "response_tokens": loss_mask.sum()}
@@ -61,12 +70,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def sft_dataset(examples: list[SFTExample], tokenizer, template, config: ConfigDict,
-                **kwargs: Any) -> SFTDataset:
+                packing: bool = False, **kwargs: Any) -> SFTDataset:
+    """The SFT batches of `examples` by `config`; `packing`: several examples per row."""
     data = config.data
-    return SFTDataset(examples, tokenizer, template, batch_size=config.sft.batch_size,
-                      max_prompt_tokens=data.max_prompt_tokens,
-                      max_response_tokens=data.max_response_tokens,
-                      truncation=data.truncation, **kwargs)
+    dataset_cls = PackedSFTDataset if packing else SFTDataset
+    return dataset_cls(examples, tokenizer, template, batch_size=config.sft.batch_size,
+                       max_prompt_tokens=data.max_prompt_tokens,
+                       max_response_tokens=data.max_response_tokens,
+                       truncation=data.truncation, **kwargs)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -104,10 +115,13 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     if read_report.num_skipped:
         print(f"{sft.train_file}: skipped {read_report.num_skipped} bad lines "
               f"(first: {read_report.first_skipped_lines})")
-    train_data = sft_dataset(examples, tokenizer, template, config, seed=config.seed,
-                             process_index=jax.process_index(),
+    packing = sft.get("packing", False)
+    train_data = sft_dataset(examples, tokenizer, template, config, packing=packing,
+                             seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count())
     print(f"{sft.train_file}: {train_data.report}")
+    if packing:
+        print(f"{sft.train_file}: {train_data.packing_report}")
     train_iter = iter(train_data)
 
     model = model_from_config(config, "lm", mesh)
@@ -118,6 +132,7 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     del model
     eval_fn = None
     if sft.eval_file:
+        # Unpacked: the eval set and its numbers stay the same whatever the training rows.
         eval_examples, _ = read_jsonl(sft.eval_file, "sft", on_error=data.on_error)
         eval_data = sft_dataset(eval_examples, tokenizer, template, config, shuffle=False,
                                 num_epochs=1, drop_remainder=True)

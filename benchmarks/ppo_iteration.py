@@ -1,0 +1,314 @@
+"""Seconds per PPO iteration: the fused program against step-by-step, split into rollout,
+scoring and update, with model FLOPs utilisation (MFU) against this machine's float32 matmul
+rate.
+
+Random tiny-shaped models (policy, critic, reference = the policy's initial weights, reward
+model) on a 1-device mesh (`--devices N` asks for N CPU devices), random prompts with no
+padding, and an EOS id the vocabulary never produces, so every response has exactly
+`--response-length` tokens and every iteration does the same work. One run; the ratios are
+what to compare (absolute figures depend on the machine and its load, which is printed).
+
+  fused         `PPOProgram.jit_iteration`: the whole iteration as one program, state donated.
+  step-by-step  `PPOProgram.step_by_step`: rollout, scoring and update as three programs with
+                the rollout and the experience fetched to the host in between. Each phase is
+                also timed on its own (jitted separately, on device arrays, blocked on its
+                outputs), and so are the two host fetches; "share" is each part's fraction
+                of their sum.
+
+Model FLOPs count the matmuls the algorithm needs, from the parameter trees: 2 x (non-embedding
+parameters) per token through a backbone (the embedding lookup is free), 2 x (LM head) per
+token whose logits are used (the R response positions), and causal attention, 4 x layers x
+heads x head_dim x (tokens attended) per token. Rollout: B x T tokens through the policy
+(prefill P, decode R). Scoring: forward of policy, reference, critic and reward model over
+B x T tokens. Update: epochs x (policy + critic) forward + backward (3 x forward). MFU =
+FLOPs / seconds / (best of a few jitted 2048^3 float32 matmuls).
+
+    python benchmarks/ppo_iteration.py [--hidden 256 --layers 4 --batch 16 --response-length 64
+                                        --json ppo_iteration.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import glm_jax
+from glm_jax.models.heads import GlmRewardModel, GlmValueModel
+from glm_jax.models.tiny import tiny_config
+from glm_jax.sharding import MeshConfig, check_model_fits_mesh, make_mesh, shard_state
+from glm_jax.train.loop import batch_sharding, to_device
+from glm_jax.train.ppo import PPOProgram, PPOSettings, copy_params, init_ppo_state
+from glm_jax.train.rollout import SamplingSettings
+from glm_jax.train.state import make_optimizer, shardings_of
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=0, help="MLP size (0: 3 x hidden)")
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=16, help="prompts per iteration")
+    parser.add_argument("--minibatch", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--prompt-length", type=int, default=32)
+    parser.add_argument("--response-length", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=3,
+                        help="timed iterations of each kind, after one warm-up")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="mesh size; above 1 on CPU, asks JAX for that many CPU devices")
+    parser.add_argument("--json", default="", help="also write the numbers to this file")
+    args = parser.parse_args()
+    if args.batch % args.minibatch:
+        parser.error(f"--batch {args.batch} must be a multiple of --minibatch {args.minibatch}")
+    if args.hidden % args.heads:
+        parser.error(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
+    return args
+
+
+def seconds_of(run: Callable[[], Any], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 `[n, n] @ [n, n]` rate of one jitted matmul, GFLOP/s."""
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in range(2))
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    return 2 * n**3 / min(seconds_of(lambda: matmul(a, b), repeats)) / 1e9
+
+
+def parameter_counts(params: Any) -> dict[str, int]:
+    """Parameters of an nnx State split into embedding, LM head and the rest (backbone layers,
+    norms and any scalar head): the rest are the per-token matmul parameters."""
+    counts = {"embedding": 0, "lm_head": 0, "rest": 0}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path)
+        kind = ("embedding" if "embed_tokens" in name else "lm_head" if "lm_head" in name
+                else "rest")
+        counts[kind] += int(np.prod(leaf.shape))
+    return counts
+
+
+def model_flops(args: argparse.Namespace, policy: dict[str, int], critic: dict[str, int],
+                reward: dict[str, int], config) -> dict[str, float]:
+    """Forward-equivalent matmul FLOPs of each phase of one iteration (see the docstring)."""
+    b, p, r = args.batch, args.prompt_length, args.response_length
+    t = p + r
+    attention_width = config.num_attention_heads * config.head_dim
+    # Causal: the token at position i attends i + 1 tokens; per row sum_i (i + 1) = T(T+1)/2.
+    attention = 4 * config.num_hidden_layers * attention_width * t * (t + 1) / 2 * b
+
+    def backbone(counts):  # one forward over the B x T sequence
+        return 2 * counts["rest"] * b * t + attention
+
+    lm_head = 2 * policy["lm_head"] * b * r  # logits at the R response positions
+    policy_forward = backbone(policy) + lm_head
+    critic_forward = backbone(critic)
+    return {
+        "rollout": policy_forward,  # prefill B x P + decode B x R tokens, R sampled logits
+        "scoring": 2 * policy_forward + critic_forward + backbone(reward),  # policy, ref
+        "update": args.epochs * 3 * (policy_forward + critic_forward),
+    }
+
+
+def build(args: argparse.Namespace, mesh):
+    config = tiny_config(vocab_size=args.vocab, hidden_size=args.hidden,
+                         intermediate_size=args.intermediate or 3 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads)
+    check_model_fits_mesh(config, mesh)
+
+    def sharded(cls, seed):
+        graphdef, state = nnx.split(cls(config, rngs=nnx.Rngs(seed)))
+        return nnx.merge(graphdef, shard_state(state, mesh))
+
+    policy, critic = sharded(glm_jax.GlmForCausalLM, 0), sharded(GlmValueModel, 1)
+    reward_model = sharded(GlmRewardModel, 2)
+    settings = PPOSettings(
+        seed=0, batch_size=args.batch, minibatch_size=args.minibatch, ppo_epochs=args.epochs,
+        clip_ratio=0.2, clip_value=0.2, value_coef=1.0, gamma=1.0, lam=0.95, kl_kind="k1",
+        kl_target=0.0, kl_horizon=10000, whiten_rewards=False, whiten_advantages=True,
+        sft_coef=0.0, sft_batch_size=1, no_eos_penalty=0.0)
+    tx, _ = make_optimizer(learning_rate=1e-5, num_steps=1000)
+    critic_tx, _ = make_optimizer(learning_rate=1e-5, num_steps=1000)
+    with jax.set_mesh(mesh):
+        policy_graphdef, critic_graphdef, state = init_ppo_state(policy, critic, tx, critic_tx,
+                                                                 0.05)
+        ref_params = copy_params(state.params)
+    reward_graphdef, reward_params = nnx.split(reward_model)
+    # An EOS id outside the vocabulary: `sample` stops a row on `jnp.isin(token, eos)`, which
+    # a sampled id in [0, vocab) never satisfies, so no row ends early and the while_loop
+    # always runs the full R steps.
+    sampling = SamplingSettings(max_new_tokens=args.response_length,
+                                eos_token_ids=(args.vocab + 1,), pad_token_id=0,
+                                temperature=1.0)
+    program = PPOProgram(policy_graphdef, critic_graphdef, reward_graphdef, sampling, settings,
+                         tx, critic_tx)
+    return config, program, state, ref_params, reward_params
+
+
+def main() -> None:
+    args = parse_args()
+    if args.devices > 1:
+        jax.config.update("jax_num_cpu_devices", args.devices)  # before the backend starts
+    load_before = os.getloadavg()
+    mesh = make_mesh(MeshConfig(), jax.devices()[:args.devices])
+    config, program, state, ref_params, reward_params = build(args, mesh)
+    counts = {name: parameter_counts(params) for name, params in (
+        ("policy", state.params), ("critic", state.critic_params), ("reward", reward_params))}
+    flops = model_flops(args, counts["policy"], counts["critic"], counts["reward"], config)
+
+    rng = np.random.RandomState(0)
+    host_batch = {
+        "prompt_ids": rng.randint(2, args.vocab, (args.batch, args.prompt_length)
+                                  ).astype(np.int32),
+        "prompt_mask": np.ones((args.batch, args.prompt_length), bool),
+        "ref_reward": np.zeros(args.batch, np.float32),
+    }
+    shardings = batch_sharding(mesh, host_batch)
+    batch = to_device(host_batch, shardings)
+    state_sharding = shardings_of(state)
+    repeats = args.iterations
+    times: dict[str, list[float]] = {name: [] for name in (
+        "fused", "rollout", "scoring", "update", "host_transfers", "step_by_step")}
+    compile_seconds: dict[str, float] = {}
+    peaks = [matmul_gflops()]
+
+    with jax.set_mesh(mesh):
+        fused = program.jit_iteration(state_sharding, shardings)
+        step_by_step = program.step_by_step(state_sharding, shardings)
+        # The phases on their own: separately jitted, device arrays in and out.
+        rollout_fn = jax.jit(program.rollout)
+        score_fn = jax.jit(program.score)
+        update_fn = jax.jit(lambda state, experience: program.update(state, experience, None),
+                            out_shardings=(state_sharding, None), donate_argnums=0)
+        # Round 0 compiles (the warm-up); rounds 1..N are timed. The variants alternate within
+        # each round, so a change in the machine's load hits them alike. The one state
+        # threads through every call (each donates it); the work of an iteration does not
+        # depend on the weights.
+        for number in range(1 + repeats):
+            clock = [time.perf_counter()]
+            state, metrics = jax.block_until_ready(fused(state, ref_params, reward_params,
+                                                         batch))
+            clock.append(time.perf_counter())
+            rollout = jax.block_until_ready(rollout_fn(state, batch))
+            clock.append(time.perf_counter())
+            jax.device_get(rollout)  # what step_by_step fetches between the programs
+            clock.append(time.perf_counter())
+            scored = jax.block_until_ready(score_fn(state, ref_params, reward_params, rollout,
+                                                    batch["ref_reward"]))
+            clock.append(time.perf_counter())
+            jax.device_get(scored)
+            clock.append(time.perf_counter())
+            state, _ = jax.block_until_ready(update_fn(state, scored[0]))
+            clock.append(time.perf_counter())
+            state, _ = jax.block_until_ready(step_by_step(state, ref_params, reward_params,
+                                                          batch))
+            clock.append(time.perf_counter())
+            fused_s, rollout_s, fetch1, scoring_s, fetch2, update_s, split_s = np.diff(clock)
+            seconds = {"fused": fused_s, "rollout": rollout_s, "scoring": scoring_s,
+                       "update": update_s, "host_transfers": fetch1 + fetch2,
+                       "step_by_step": split_s}
+            if number == 0:
+                compile_seconds = {name: float(value) for name, value in seconds.items()}
+                length = float(metrics["response_length"])
+                if length != args.response_length:
+                    raise RuntimeError(f"mean response length {length} != "
+                                       f"{args.response_length}: sampling stopped early")
+            else:
+                for name, value in seconds.items():
+                    times[name].append(float(value))
+            peaks.append(matmul_gflops(repeats=2))
+
+    peak = max(peaks)
+    load_after = os.getloadavg()
+    best = {name: min(values) for name, values in times.items()}
+    phases = ("rollout", "scoring", "update")
+    parts = sum(best[p] for p in (*phases, "host_transfers"))
+    flops["step_by_step"] = flops["fused"] = sum(flops[p] for p in phases)
+
+    def row(label, name, share=True):
+        seconds = best[name]
+        cells = [label, f"{seconds:.3f}",
+                 f"{seconds / parts:.0%}" if share else "-"]
+        if name in flops:
+            achieved = flops[name] / seconds / 1e9
+            cells += [f"{flops[name] / 1e9:.1f}", f"{achieved:.1f}", f"{achieved / peak:.1%}"]
+        else:
+            cells += ["-", "-", "-"]
+        return "| " + " | ".join(cells) + " |"
+
+    n = counts["policy"]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"jax {jax.__version__} ({jax.default_backend()}, {args.devices}-device mesh), "
+          f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after, float32 "
+          f"matmul 2048^3: {peak:.1f} GFLOP/s")
+    print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / "
+          f"{args.kv_heads} kv heads, mlp {config.intermediate_size}, vocab {args.vocab}: "
+          f"{n['rest'] / 1e6:.2f}M non-embedding + {n['lm_head'] / 1e6:.2f}M LM head "
+          f"parameters per policy, x4 models")
+    print(f"iteration: {args.batch} prompts x ({args.prompt_length} prompt + "
+          f"{args.response_length} response tokens), {args.epochs} epochs of "
+          f"{args.batch // args.minibatch} minibatches of {args.minibatch}; best of "
+          f"{repeats} interleaved rounds after a warm-up (compilation: fused "
+          f"{compile_seconds['fused']:.1f} s)")
+    print()
+    print("| phase | seconds | share | GFLOP | GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|")
+    print(row("rollout (sample R tokens)", "rollout"))
+    print(row("scoring (4 forwards, GAE)", "scoring"))
+    print(row(f"update ({args.epochs} epochs, policy + critic)", "update"))
+    print(row("host transfers (device_get)", "host_transfers"))
+    print(row("**step-by-step iteration**", "step_by_step", share=False))
+    print(row("**fused iteration**", "fused", share=False))
+    print()
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(f"speed-up of fused over step-by-step: {best['step_by_step'] / best['fused']:.2f}x "
+          f"best, {median['step_by_step'] / median['fused']:.2f}x median (fused "
+          f"{best['fused']:.3f} s, step-by-step {best['step_by_step']:.3f} s per iteration; "
+          f"its parts timed on their own sum to {parts:.3f} s, the base of 'share')")
+
+    if args.json:
+        report = {
+            "args": vars(args),
+            "machine": {"processor": platform.processor() or platform.machine(),
+                        "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                        "backend": jax.default_backend(), "devices": args.devices,
+                        "load_average_before": load_before, "load_average_after": load_after,
+                        "matmul_gflops": peak, "matmul_gflops_all": peaks},
+            "parameters": counts,
+            "seconds": {name: {"best": best[name], "median": statistics.median(values),
+                               "all": values} for name, values in times.items()},
+            "compile_seconds": compile_seconds,
+            "gflop": {name: value / 1e9 for name, value in flops.items()},
+            "mfu": {name: flops[name] / best[name] / 1e9 / peak for name in flops},
+            "fused_speedup": best["step_by_step"] / best["fused"],
+            "fused_speedup_median": median["step_by_step"] / median["fused"],
+        }
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Prompts in, scored samples out: what PPO's reference responses, the prompt filter, DPO's
+reward-built pairs and rejection sampling all need.
+
+Prompts are left-padded to `max_prompt_tokens`, so position `P - 1` is every row's last prompt
+token and the response starts at `P` in all rows: the sequence `[prompt | response]` needs no
+re-alignment, and the model derives positions from the mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from glm_jax.data.pipeline import tokenize_record
+from glm_jax.data.records import PromptExample
+from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
+from glm_jax.generation import GenerationOutput, sample
+from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
+from glm_jax.train.loop import batch_sharding, to_device
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How responses are sampled; `eos_token_ids` / `pad_token_id` from the tokenizer."""
+
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @classmethod
+    def from_config(cls, section: ConfigDict, tokenizer: Tokenizer, max_new_tokens: int,
+                    *, greedy: bool = False) -> SamplingSettings:
+        """From a config section with `temperature`, `top_k`, `top_p`."""
+        return cls(max_new_tokens=max_new_tokens, eos_token_ids=tuple(tokenizer.eos_token_ids),
+                   pad_token_id=tokenizer.pad_token_id,
+                   temperature=0.0 if greedy else float(section.temperature),
+                   top_k=int(section.top_k), top_p=float(section.top_p))
+
+    def sample(self, model: GlmForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array,
+               rng: jax.Array) -> GenerationOutput:
+        return sample(model, prompt_ids, prompt_mask, rng, max_new_tokens=self.max_new_tokens,
+                      temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                      eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
+
+
+def encode_prompts(prompts: Sequence[PromptExample], tokenizer: Tokenizer,
+                   template: ChatTemplate, max_prompt_tokens: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Chat-rendered prompts left-padded to `max_prompt_tokens`: ids `[n, P]` int32 and mask
+    `[n, P]` bool. An over-long prompt loses its oldest tokens after the template prefix, as
+    in training."""
+    ids = np.full((len(prompts), max_prompt_tokens), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), max_prompt_tokens), bool)
+    for row, prompt in enumerate(prompts):
+        tokens = tokenize_record(prompt, tokenizer, template, max_prompt_tokens=max_prompt_tokens,
+                                 max_response_tokens=2)["prompt"]
+        ids[row, max_prompt_tokens - len(tokens):] = tokens
+        mask[row, max_prompt_tokens - len(tokens):] = True
+    return ids, mask
+
+
+def sequence(prompt_ids: jax.Array, prompt_mask: jax.Array, out: GenerationOutput
+             ) -> tuple[jax.Array, jax.Array]:
+    """`[prompt | response]` ids and mask `[batch, P + R]`: the mask covers the real prompt
+    tokens and the response up to and including its EOS, never padding."""
+    return (jnp.concatenate([prompt_ids, out.tokens], axis=1),
+            jnp.concatenate([prompt_mask, out.response_mask], axis=1))
+
+
+def sample_and_score(policy: GlmForCausalLM, reward_model: GlmRewardModel,
+                     prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
+                     settings: SamplingSettings) -> tuple[GenerationOutput, jax.Array]:
+    """Traceable: responses to `[batch, P]` prompts and their rewards `[batch]` float32, read
+    on each response's last token (its EOS, or the length limit's last token)."""
+    out = settings.sample(policy, prompt_ids, prompt_mask, rng)
+    return out, reward_model(*sequence(prompt_ids, prompt_mask, out))
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _sample_and_score_jit(policy_graphdef, reward_graphdef, settings, policy_params,
+                          reward_params, prompt_ids, prompt_mask, rng):
+    return sample_and_score(nnx.merge(policy_graphdef, policy_params),
+                            nnx.merge(reward_graphdef, reward_params), prompt_ids, prompt_mask,
+                            rng, settings)
+
+
+@dataclass
+class ScoredSamples:
+    """`num_samples` responses per prompt.
+
+    tokens: `[n, num_samples, R]` int32 (pad after EOS); response_mask: `[n, num_samples, R]`
+    bool; ended_with_eos: `[n, num_samples]` bool; rewards: `[n, num_samples]` float32.
+    """
+
+    tokens: np.ndarray
+    response_mask: np.ndarray
+    ended_with_eos: np.ndarray
+    rewards: np.ndarray
+
+    def texts(self, tokenizer: Tokenizer) -> list[list[str]]:
+        """Each response decoded, without its EOS: `[n][num_samples]`."""
+        eos = np.asarray(tokenizer.eos_token_ids)
+        return [[tokenizer.decode(row[keep & ~np.isin(row, eos)].tolist())
+                 for row, keep in zip(rows, masks, strict=True)]
+                for rows, masks in zip(self.tokens, self.response_mask, strict=True)]
+
+
+def sample_prompts(policy: GlmForCausalLM, reward_model: GlmRewardModel,
+                   prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, num_samples: int,
+                   batch_size: int, settings: SamplingSettings, seed: int, mesh: Mesh,
+                   desc: str = "sampling") -> ScoredSamples:
+    """`num_samples` scored responses for each of the `[n, P]` prompts, `batch_size` rows per
+    compiled call (a short last batch is padded, so one program serves every call). The
+    result depends only on (params, prompts, settings, seed, batch_size)."""
+    n = len(prompt_ids)
+    rows = np.repeat(np.arange(n), num_samples)  # prompt of each (prompt, sample) row
+    policy_graphdef, policy_params = nnx.split(policy)
+    reward_graphdef, reward_params = nnx.split(reward_model)
+    key = jax.random.key(seed)
+    parts: list[tuple[Any, ...]] = []
+    shardings = None
+    for number, start in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc,
+                                        unit="batch", leave=False)):
+        chunk = rows[start:start + batch_size]
+        index = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
+        batch = {"ids": prompt_ids[index], "mask": prompt_mask[index]}
+        shardings = shardings or batch_sharding(mesh, batch)
+        batch = to_device(batch, shardings)
+        with jax.set_mesh(mesh):
+            out, rewards = _sample_and_score_jit(
+                policy_graphdef, reward_graphdef, settings, policy_params, reward_params,
+                batch["ids"], batch["mask"], jax.random.fold_in(key, number))
+        parts.append(tuple(np.asarray(x)[:len(chunk)] for x in (
+            out.tokens, out.response_mask, out.ended_with_eos, rewards)))
+    tokens, response_mask, ended, rewards = (np.concatenate(column)
+                                             for column in zip(*parts, strict=True))
+    shape = (n, num_samples)
+    return ScoredSamples(tokens=tokens.reshape(*shape, -1),
+                         response_mask=response_mask.reshape(*shape, -1),
+                         ended_with_eos=ended.reshape(shape), rewards=rewards.reshape(shape))

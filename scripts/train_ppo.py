@@ -1,0 +1,24 @@
+"""PPO against a trained reward model (paper 3.4, eq. 3-6); exports WORKDIR/hf.
+
+    python scripts/train_ppo.py --config configs/tiny.py --workdir runs/ppo \
+        --config.model.init_checkpoint=runs/sft/hf --config.ppo.reward_model=runs/rm \
+        --config.ppo.prompt_file=prompts.jsonl
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from glm_jax.train.ppo import train_ppo
+
+config_flags.DEFINE_config_file("config", "configs/tiny.py", "glm_jax config file")
+flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics", required=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    train_ppo(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

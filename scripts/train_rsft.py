@@ -1,0 +1,26 @@
+"""Rejection-sampling fine-tuning (best-of-N): sample, keep each prompt's best response by the
+reward model, then SFT on the winners; exports WORKDIR/sft/hf.
+
+    python scripts/train_rsft.py --config configs/tiny.py --workdir runs/rsft \
+        --config.model.init_checkpoint=runs/sft/hf --config.rsft.reward_model=runs/rm \
+        --config.rsft.prompt_file=prompts.jsonl --config.rsft.num_samples=4
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from glm_jax.train.rejection import train_rsft
+
+config_flags.DEFINE_config_file("config", "configs/tiny.py", "glm_jax config file")
+flags.DEFINE_string("workdir", None, "directory for the winners, checkpoints and metrics",
+                    required=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    train_rsft(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
