@@ -21,7 +21,6 @@ from glm_jax.sharding import make_mesh, shard_state
 from glm_jax.train.checkpoint import Checkpointer, save_model_config
 from glm_jax.train.dpo import (
     PAIRS_FILE,
-    PromptBatches,
     make_online_step,
     pairs_from_samples,
     reward_pairs,
@@ -29,6 +28,7 @@ from glm_jax.train.dpo import (
     train_dpo,
 )
 from glm_jax.train.loop import batch_sharding, to_device
+from glm_jax.train.prompts import PromptDataset
 from glm_jax.train.rollout import SamplingSettings, ScoredSamples, encode_prompts
 from glm_jax.train.state import init_train_state, shardings_of
 
@@ -224,7 +224,7 @@ def single_device_step(online_run):
     tokenizer = Tokenizer.tiny()
     tx, schedule = optimizer_from_config(dpo)
     ids, mask = encode_prompts(PROMPTS, tokenizer, GLM4_TEMPLATE, data.max_prompt_tokens)
-    prompts = iter(PromptBatches(ids, mask, batch_size=dpo.batch_size, seed=config.seed))
+    prompts = iter(PromptDataset(ids, mask, batch_size=dpo.batch_size, seed=config.seed))
     prompts = [next(prompts) for _ in range(2)]
     shardings = batch_sharding(mesh, prompts[0])
 
@@ -324,19 +324,19 @@ def test_online_dpo_resumes_with_the_same_samples(online_run, tmp_path):
 
 def test_prompt_batches_resume_where_they_stopped():
     ids, mask = encode_prompts(PROMPTS, Tokenizer.tiny(), GLM4_TEMPLATE, 16)
-    batches = iter(PromptBatches(ids, mask, batch_size=8, seed=3))
+    batches = iter(PromptDataset(ids, mask, batch_size=8, seed=3))
     for _ in range(2):
         next(batches)
     saved = batches.get_state()
     expected = [next(batches) for _ in range(4)]  # crosses an epoch boundary (3 per epoch)
-    resumed = iter(PromptBatches(ids, mask, batch_size=8, seed=3))
+    resumed = iter(PromptDataset(ids, mask, batch_size=8, seed=3))
     resumed.set_state(saved)
     for want in expected:
         got = next(resumed)
         assert got["prompt_ids"].shape == (8, 16) and got["prompt_mask"].dtype == bool
         np.testing.assert_array_equal(got["prompt_ids"], want["prompt_ids"])
     # Each epoch holds every prompt once.
-    fresh = iter(PromptBatches(ids, mask, batch_size=8, seed=3))
+    fresh = iter(PromptDataset(ids, mask, batch_size=8, seed=3))
     epoch = np.concatenate([next(fresh)["prompt_ids"] for _ in range(3)])
     assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, ids.tolist()))
 

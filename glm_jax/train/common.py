@@ -10,10 +10,13 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from glm_jax.data.records import PromptExample, read_jsonl
 from glm_jax.data.tokenizer import CHATGLM3_TEMPLATE, GLM4_TEMPLATE, ChatTemplate, Tokenizer
 from glm_jax.models.convert import HEADS, from_pretrained
+from glm_jax.models.heads import GlmRewardModel
 from glm_jax.models.tiny import tiny_config
 from glm_jax.sharding import MeshConfig, check_model_fits_mesh, make_mesh, shard_state
+from glm_jax.train.checkpoint import load_trained_model
 
 TEMPLATES = {"glm4": GLM4_TEMPLATE, "chatglm3": CHATGLM3_TEMPLATE}
 
@@ -78,3 +81,39 @@ def load_config(workdir: str | Path) -> ConfigDict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: is {workdir} a glm_jax training workdir?")
     return ConfigDict(json.loads(path.read_text()))
+
+
+def read_prompts(path: str, field: str, on_error: str = "raise") -> list[PromptExample]:
+    """The prompts of the JSONL file `path`, named in errors by its config `field` (e.g.
+    "config.ppo.prompt_file"); skipped bad lines are reported."""
+    if not path:
+        raise ValueError(f"{field} is empty: set it to a prompt JSONL file")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{field} = {path!r} does not exist")
+    prompts, report = read_jsonl(path, "prompt", on_error=on_error)
+    if report.num_skipped:
+        print(f"{path}: skipped {report.num_skipped} bad lines "
+              f"(first: {report.first_skipped_lines})")
+    if not prompts:
+        raise ValueError(f"{field} = {path!r} has no prompts")
+    return prompts
+
+
+def load_reward_model(path: str, field: str, vocab_size: int, mesh: Mesh) -> GlmRewardModel:
+    """The trained reward model of the RM workdir `path` (config `field`), sharded over
+    `mesh`; it must read the policy's token ids (`vocab_size`), or it would score garbage
+    without any error."""
+    if not path:
+        raise ValueError(f"{field} is empty: set it to a reward-model workdir "
+                         "(scripts/train_rm.py)")
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{field} = {path!r} is not a directory: expected a "
+                                "reward-model workdir (scripts/train_rm.py)")
+    try:
+        model = load_trained_model(path, GlmRewardModel, mesh)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{field} = {path!r}: {e}") from e
+    if model.config.vocab_size != vocab_size:
+        raise ValueError(f"{field} = {path!r} has vocab_size {model.config.vocab_size}, the "
+                         f"policy {vocab_size}: they must share one tokenizer")
+    return model

@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from glm_jax.data.pipeline import PreferenceDataset, _BatchedDataset, _check_batching
+from glm_jax.data.pipeline import PreferenceDataset
 from glm_jax.data.records import (
     PreferencePair,
     PromptExample,
@@ -43,18 +43,19 @@ from glm_jax.data.records import (
 )
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
 from glm_jax.losses import dpo_loss, masked_mean, sequence_logprobs, token_logprobs
-from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
-from glm_jax.sharding import shard_state
+from glm_jax.models.heads import GlmForCausalLM
 from glm_jax.train import loop
-from glm_jax.train.checkpoint import load_trained_model
 from glm_jax.train.common import (
     is_main_process,
+    load_reward_model,
     mesh_from_config,
     model_from_config,
+    read_prompts,
     template_from_config,
     tokenizer_from_config,
 )
 from glm_jax.train.loop import batch_sharding, run_stage, to_device
+from glm_jax.train.prompts import PromptDataset
 from glm_jax.train.reward import score_responses
 from glm_jax.train.rollout import (
     SamplingSettings,
@@ -313,32 +314,6 @@ def _pair_settings(config: ConfigDict) -> dict[str, Any]:
                                             "top_k", "top_p", "batch_size")}}
 
 
-def _read_prompts(config: ConfigDict) -> list[PromptExample]:
-    prompts, report = read_jsonl(config.dpo.prompt_file, "prompt",
-                                 on_error=config.data.on_error)
-    if report.num_skipped:
-        print(f"{config.dpo.prompt_file}: skipped {report.num_skipped} bad lines "
-              f"(first: {report.first_skipped_lines})")
-    if not prompts:
-        raise ValueError(f"config.dpo.prompt_file = {config.dpo.prompt_file!r} has no prompts")
-    return prompts
-
-
-def _load_reward_model(config: ConfigDict, mesh: Mesh, policy: GlmForCausalLM
-                       ) -> GlmRewardModel:
-    # Loaded on one device, then sharded: `load_trained_model(..., mesh)` fails on the tree
-    # structure of its shardings (an nnx Variable vs a NamedSharding per leaf).
-    graphdef, params = nnx.split(load_trained_model(config.dpo.reward_model, GlmRewardModel))
-    reward_model = nnx.merge(graphdef, shard_state(params, mesh))
-    # The reward model reads the policy's token ids: a different vocabulary would score
-    # garbage without any error.
-    if reward_model.config.vocab_size != policy.config.vocab_size:
-        raise ValueError(f"config.dpo.reward_model = {config.dpo.reward_model!r} has "
-                         f"vocab_size {reward_model.config.vocab_size}, the policy "
-                         f"{policy.config.vocab_size}: they must share one tokenizer")
-    return reward_model
-
-
 def reward_pairs(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
                  tokenizer: Tokenizer, template: ChatTemplate, mesh: Mesh
                  ) -> list[PreferencePair]:
@@ -366,8 +341,9 @@ def reward_pairs(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
         print(f"{path}: reusing {len(pairs)} reward-built pairs")
         return pairs
 
-    prompts = _read_prompts(config)
-    reward_model = _load_reward_model(config, mesh, policy)
+    prompts = read_prompts(dpo.prompt_file, "config.dpo.prompt_file", data.on_error)
+    reward_model = load_reward_model(dpo.reward_model, "config.dpo.reward_model",
+                                     policy.config.vocab_size, mesh)
     ids, mask = encode_prompts(prompts, tokenizer, template, data.max_prompt_tokens)
     # One token short of the limit: a response cut there still fits with the EOS that
     # tokenization appends.
@@ -400,26 +376,6 @@ def reward_pairs(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
 # ---------------------------------------------------------------------------------------------
 # Online: sample, score, pair and update in one jitted step.
 # ---------------------------------------------------------------------------------------------
-
-class PromptBatches(_BatchedDataset):
-    """Batches of left-padded prompts for online DPO, shuffled with `seed` and repeated
-    forever: `prompt_ids` `[batch, P]` int32 and `prompt_mask` `[batch, P]` bool (this
-    process's rows of each global batch). `iter()` is a grain iterator with get_state /
-    set_state, so a resumed run sees the same prompts."""
-
-    def __init__(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, batch_size: int,
-                 seed: int, process_index: int = 0, process_count: int = 1):
-        _check_batching(batch_size, True, process_index, process_count)
-        if not len(prompt_ids):
-            raise ValueError("no prompts to batch")
-        self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask
-        self._batch(list(range(len(prompt_ids))), self._encode, batch_size=batch_size,
-                    seed=seed, shuffle=True, num_epochs=None, drop_remainder=True,
-                    process_index=process_index, process_count=process_count)
-
-    def _encode(self, row: int) -> dict[str, np.ndarray]:
-        return {"prompt_ids": self.prompt_ids[row], "prompt_mask": self.prompt_mask[row]}
-
 
 def sample_pairs(policy: GlmForCausalLM, reference: GlmForCausalLM, reward_model: nnx.Module,
                  prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
@@ -571,13 +527,14 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
     if mode == "online":
-        reward_model = _load_reward_model(config, mesh, model)
+        reward_model = load_reward_model(dpo.reward_model, "config.dpo.reward_model",
+                                         model_config.vocab_size, mesh)
         reward_graphdef, reward_params = nnx.split(reward_model)
-        prompts = _read_prompts(config)
+        prompts = read_prompts(dpo.prompt_file, "config.dpo.prompt_file", data.on_error)
         ids, mask = encode_prompts(prompts, tokenizer, template, data.max_prompt_tokens)
         print(f"{dpo.prompt_file}: {len(prompts)} prompts; each step samples "
               f"{dpo.num_samples} responses to each of {dpo.batch_size}")
-        batches = iter(PromptBatches(ids, mask, batch_size=dpo.batch_size, seed=config.seed,
+        batches = iter(PromptDataset(ids, mask, batch_size=dpo.batch_size, seed=config.seed,
                                      **process))
         # A copy: the train state's buffers are donated at every step, the reference's
         # must outlive them.

@@ -57,8 +57,10 @@ from glm_jax.models.heads import (
 )
 from glm_jax.train.checkpoint import load_trained_model
 from glm_jax.train.common import (
+    load_reward_model,
     mesh_from_config,
     model_from_config,
+    read_prompts,
     template_from_config,
     tokenizer_from_config,
 )
@@ -69,7 +71,6 @@ from glm_jax.train.prompts import (
     cache_key,
     cached_jsonl,
     fingerprint,
-    read_prompts,
     reference_records,
     reward_variance_filter,
 )
@@ -521,20 +522,17 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
-    prompts = read_prompts(ppo.prompt_file, data.on_error)
+    prompts = read_prompts(ppo.prompt_file, "config.ppo.prompt_file", data.on_error)
 
     policy = model_from_config(config, "lm", mesh)
-    reward_model = load_trained_model(ppo.reward_model, GlmRewardModel, mesh)
-    if reward_model.config.vocab_size != policy.config.vocab_size:
-        raise ValueError(f"{ppo.reward_model}: the reward model's vocab_size "
-                         f"{reward_model.config.vocab_size} differs from the policy's "
-                         f"{policy.config.vocab_size}: they must share a tokenizer")
+    reward_model = load_reward_model(ppo.reward_model, "config.ppo.reward_model",
+                                     policy.config.vocab_size, mesh)
     prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, template,
                                              data.max_prompt_tokens)
     kept, ref_rewards, report = prepare_prompts(config, workdir, policy, reward_model,
                                                 prompt_ids, prompt_mask, prompts, tokenizer,
                                                 mesh)
-    batches: Any = PromptDataset(prompt_ids, prompt_mask, ref_rewards, kept,
+    batches: Any = PromptDataset(prompt_ids, prompt_mask, ref_rewards=ref_rewards, kept=kept,
                                  batch_size=ppo.batch_size, seed=config.seed)
     if ppo.sft_coef > 0:
         examples, _ = read_jsonl(ppo.sft_file, "sft", on_error=data.on_error)

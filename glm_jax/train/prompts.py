@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from glm_jax.data.pipeline import _BatchedDataset, _check_batching
-from glm_jax.data.records import PromptExample, read_jsonl, write_jsonl
+from glm_jax.data.records import PromptExample, write_jsonl
 from glm_jax.train.rollout import ScoredSamples
 
 
@@ -79,33 +79,37 @@ def reference_records(prompts: Sequence[PromptExample], samples: ScoredSamples,
 
 
 class PromptDataset(_BatchedDataset):
-    """Batches of left-padded prompts for PPO, built on `grain` like the other datasets
-    (deterministic by seed, resumable, this process's share of each global batch).
+    """Batches of left-padded prompts for PPO and online DPO, built on `grain` like the other
+    datasets (deterministic by seed, repeated forever, resumable, this process's share of each
+    global batch).
 
-    Each element: `prompt_ids`, `prompt_mask` `[batch, P]`, `ref_reward` `[batch]` float32
-    (the cached reference response's reward, or 0), `prompt_index` `[batch]` int32 (into the
-    prompt file).
+    Each element: `prompt_ids`, `prompt_mask` `[batch, P]`, `prompt_index` `[batch]` int32
+    (into the prompt file), and with `ref_rewards` given, `ref_reward` `[batch]` float32 (the
+    cached reference response's reward). `kept` `[n]` bool selects the prompts to use.
     """
 
-    def __init__(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
-                 ref_rewards: np.ndarray, kept: np.ndarray, *, batch_size: int, seed: int = 0,
-                 shuffle: bool = True, num_epochs: int | None = None,
-                 process_index: int = 0, process_count: int = 1) -> None:
+    def __init__(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, batch_size: int,
+                 seed: int = 0, ref_rewards: np.ndarray | None = None,
+                 kept: np.ndarray | None = None, process_index: int = 0,
+                 process_count: int = 1) -> None:
         _check_batching(batch_size, True, process_index, process_count)
-        kept = [int(i) for i in np.flatnonzero(kept)]
-        if len(kept) < batch_size:
-            raise ValueError(f"{len(kept)} prompts left after filtering: fewer than one batch "
-                             f"of {batch_size} (lower config.ppo.batch_size or "
-                             "config.ppo.filter_min_variance)")
+        rows = [int(i) for i in np.flatnonzero(np.ones(len(prompt_ids), bool)
+                                               if kept is None else kept)]
+        if len(rows) < batch_size:
+            raise ValueError(f"{len(rows)} prompts (after filtering): fewer than one batch of "
+                             f"{batch_size}; lower the batch size or add prompts")
         self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask
-        self.ref_rewards = np.asarray(ref_rewards, np.float32)
-        self._batch(kept, self._encode, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                    num_epochs=num_epochs, drop_remainder=True, process_index=process_index,
+        self.ref_rewards = None if ref_rewards is None else np.asarray(ref_rewards, np.float32)
+        self._batch(rows, self._encode, batch_size=batch_size, seed=seed, shuffle=True,
+                    num_epochs=None, drop_remainder=True, process_index=process_index,
                     process_count=process_count)
 
     def _encode(self, index: int) -> dict[str, np.ndarray]:
-        return {"prompt_ids": self.prompt_ids[index], "prompt_mask": self.prompt_mask[index],
-                "ref_reward": self.ref_rewards[index], "prompt_index": np.int32(index)}
+        out = {"prompt_ids": self.prompt_ids[index], "prompt_mask": self.prompt_mask[index],
+               "prompt_index": np.int32(index)}
+        if self.ref_rewards is not None:
+            out["ref_reward"] = self.ref_rewards[index]
+        return out
 
 
 class ZippedBatches:
@@ -128,11 +132,3 @@ class ZippedBatches:
     def set_state(self, state: dict[str, Any]) -> None:
         self.first.set_state(state["first"])
         self.second.set_state(state["second"])
-
-
-def read_prompts(path: str, on_error: str) -> list[PromptExample]:
-    prompts, _ = read_jsonl(path, "prompt", on_error=on_error)
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
-

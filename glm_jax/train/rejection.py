@@ -22,17 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from glm_jax.data.records import PromptExample, SFTExample, read_jsonl, write_jsonl
+from glm_jax.data.records import SFTExample, read_jsonl, write_jsonl
 from glm_jax.data.tokenizer import Tokenizer
-from glm_jax.models.heads import GlmRewardModel
-from glm_jax.train.checkpoint import load_trained_model
 from glm_jax.train.common import (
     is_main_process,
+    load_reward_model,
     mesh_from_config,
     model_from_config,
+    read_prompts,
     template_from_config,
     tokenizer_from_config,
 )
@@ -120,26 +119,6 @@ def _check_config(config: ConfigDict) -> None:
     parse_min_reward(rsft.min_reward)
 
 
-def _load_reward_model(path: str, tokenizer: Tokenizer, mesh: Mesh) -> GlmRewardModel:
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"config.rsft.reward_model = {path!r} is not a directory: "
-                                "expected a reward-model workdir (scripts/train_rm.py)")
-    try:
-        model = load_trained_model(path, GlmRewardModel, mesh)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"config.rsft.reward_model = {path!r}: {e}") from e
-    # The reward model reads the policy's token ids: they must mean the same text.
-    try:
-        rm_tokenizer = Tokenizer.from_dir(path)
-    except FileNotFoundError:
-        rm_tokenizer = None
-    if rm_tokenizer is not None and rm_tokenizer.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"config.rsft.reward_model = {path!r} has a tokenizer of "
-                         f"{rm_tokenizer.vocab_size} ids, the policy one of "
-                         f"{tokenizer.vocab_size}: they must share a tokenizer")
-    return model
-
-
 def load_summary(workdir: str | Path) -> dict[str, Any]:
     """`best_of_n_summary.json` of `workdir`, or {} when there is none."""
     path = Path(workdir) / SUMMARY_FILE
@@ -176,20 +155,12 @@ def rejection_sample(config: ConfigDict, workdir: str | Path) -> list[SFTExample
     workdir = Path(workdir)
     if (workdir / WINNERS_FILE).exists():
         return _reuse(config, workdir)
-    if not Path(rsft.prompt_file).is_file():
-        raise FileNotFoundError(f"config.rsft.prompt_file = {rsft.prompt_file!r} does not exist")
-    prompts: list[PromptExample]
-    prompts, report = read_jsonl(rsft.prompt_file, "prompt", on_error=data.on_error)
-    if report.num_skipped:
-        print(f"{rsft.prompt_file}: skipped {report.num_skipped} bad lines "
-              f"(first: {report.first_skipped_lines})")
-    if not prompts:
-        raise ValueError(f"config.rsft.prompt_file = {rsft.prompt_file!r} has no prompts")
-
+    prompts = read_prompts(rsft.prompt_file, "config.rsft.prompt_file", data.on_error)
     mesh = mesh_from_config(config)
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
-    reward_model = _load_reward_model(rsft.reward_model, tokenizer, mesh)
     policy = model_from_config(config, "lm", mesh)
+    reward_model = load_reward_model(rsft.reward_model, "config.rsft.reward_model",
+                                     policy.config.vocab_size, mesh)
     prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, template,
                                              data.max_prompt_tokens)
     settings = SamplingSettings.from_config(rsft, tokenizer, data.max_response_tokens)
