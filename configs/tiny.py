@@ -9,6 +9,8 @@ from ml_collections import ConfigDict
 
 def get_config() -> ConfigDict:
     config = ConfigDict()
+    # Every training section: a NaN/Inf loss or gradient skips that update (counted in the
+    # metric skipped_nonfinite); more than max_nonfinite_steps in a row stop the run.
     config.seed = 0
     # Mesh axis sizes; one may be -1 (the remaining devices).
     config.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -27,12 +29,13 @@ def get_config() -> ConfigDict:
         train_file="", eval_file="", packing=False, batch_size=16, num_steps=200,
         learning_rate=1e-3, warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0,
         max_grad_norm=1.0, eval_every=100, checkpoint_every=100, keep_checkpoints=2,
-        log_every=10))
+        log_every=10, max_nonfinite_steps=10))
     # Reward model (paper eq. 1-2): l2_coef is the lambda of eq. 2.
     config.rm = ConfigDict(dict(
         train_file="", eval_file="", batch_size=16, num_steps=200, learning_rate=1e-3,
         warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, l2_coef=0.0,
-        eval_every=100, checkpoint_every=100, keep_checkpoints=2, log_every=10))
+        eval_every=100, checkpoint_every=100, keep_checkpoints=2, log_every=10,
+        max_nonfinite_steps=10))
     # DPO (paper eq. 7); the reference is the initial model. mode: "offline" trains on the
     # annotated pairs of train_file; "reward_pairs" first samples num_samples responses to each
     # prompt of prompt_file with the initial policy, scores them with reward_model (an RM
@@ -49,7 +52,7 @@ def get_config() -> ConfigDict:
         beta=0.1, sft_coef=0.0, batch_size=16, num_steps=200,
         learning_rate=1e-4, warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0,
         max_grad_norm=1.0, eval_every=100, checkpoint_every=100, keep_checkpoints=2,
-        log_every=10))
+        log_every=10, max_nonfinite_steps=10))
     # Rejection-sampling fine-tuning (best-of-N, the paper's comparison point): sample
     # num_samples responses (temperature, top_k, top_p; batch_size rows per compiled call) to
     # each prompt of prompt_file from the policy (model.init_checkpoint), score them with
@@ -92,5 +95,6 @@ def get_config() -> ConfigDict:
         # Prompt filter (paper 3.4): sample filter_samples responses per prompt and drop the
         # prompt when their reward variance is below filter_min_variance (0 samples: off).
         filter_samples=0, filter_min_variance=1e-3,
-        checkpoint_every=10, keep_checkpoints=2, log_every=1))
+        checkpoint_every=10, keep_checkpoints=2, log_every=1,
+        max_nonfinite_steps=10))
     return config

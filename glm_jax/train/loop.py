@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -59,7 +60,7 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
                writer: MetricsWriter | None, desc: str,
                eval_fn: Callable[[TrainState], dict[str, Any]] | None = None,
                eval_every: int = 0, checkpoint_every: int = 0,
-               ) -> tuple[TrainState, dict[str, Any]]:
+               max_nonfinite_steps: int = 10) -> tuple[TrainState, dict[str, Any]]:
     """Runs `state` from its step to `num_steps`.
 
     make_step: given the batch shardings, the jitted `(state, batch) -> (state, metrics)`.
@@ -68,10 +69,13 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
     eval_fn: `state -> {name: number, ...}` run every `eval_every` steps and at the end; its
       numbers are written prefixed `eval_`, and the last result is returned under "eval".
     Checkpoints (with the iterator position) every `checkpoint_every` steps and at the end.
+    A step whose metrics report `skipped_nonfinite` left the state unchanged; more than
+    `max_nonfinite_steps` of them in a row stop the run with FloatingPointError.
     Returns the final state and the last step's metrics.
     """
     step_fn, shardings = None, None
     last: dict[str, Any] = {}
+    skipped_in_a_row = 0
     start = int(state.step)
     for step in tqdm(range(start, num_steps), initial=start, total=num_steps, desc=desc,
                      unit="step"):
@@ -83,6 +87,13 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
             state, metrics = step_fn(state, to_device(batch, shardings))
         done = step + 1
         last = {k: float(v) for k, v in metrics.items()}
+        skipped_in_a_row = skipped_in_a_row + 1 if last.get("skipped_nonfinite") else 0
+        if skipped_in_a_row > max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{desc}: the loss or gradients were NaN/Inf for {skipped_in_a_row} steps in "
+                f"a row (up to step {done}; those updates were skipped, the parameters and "
+                f"checkpoints are from before them). Lower the learning rate or check the "
+                f"data; the limit is max_nonfinite_steps={max_nonfinite_steps}")
         if writer:
             writer.write(done, last)
         final = done == num_steps
@@ -95,6 +106,12 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
             checkpointer.save(done, state, {"data": batches.get_state()})
     checkpointer.wait()
     return state, last
+
+
+def keep_if_finite(finite: jax.Array, updated: Any, previous: Any) -> Any:
+    """`updated` where `finite` (a bool scalar), else `previous`: a NaN/Inf loss or gradient
+    skips the update instead of poisoning the parameters and the optimizer moments."""
+    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
 
 
 LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -113,8 +130,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": schedule(state.step)}
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = keep_if_finite(finite, (params, opt_state),
+                                           (state.params, state.opt_state))
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm,
+                   "learning_rate": schedule(state.step),
+                   "skipped_nonfinite": 1 - finite.astype(jnp.int32)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
@@ -145,7 +167,8 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
         state, last = train_loop(
             state, make_step, batches, mesh=mesh, num_steps=section.num_steps,
             checkpointer=checkpointer, writer=writer, desc=desc, eval_fn=eval_fn,
-            eval_every=section.get("eval_every", 0), checkpoint_every=section.checkpoint_every)
+            eval_every=section.get("eval_every", 0), checkpoint_every=section.checkpoint_every,
+            max_nonfinite_steps=section.get("max_nonfinite_steps", 10))
     finally:
         checkpointer.close()
         if writer:

@@ -64,7 +64,7 @@ from glm_jax.train.common import (
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.loop import run_stage
+from glm_jax.train.loop import keep_if_finite, run_stage
 from glm_jax.train.prompts import (
     PromptDataset,
     ZippedBatches,
@@ -344,20 +344,28 @@ class PPOProgram:
             grad_fn = jax.value_and_grad(self.loss, argnums=(0, 1), has_aux=True)
             (loss, stats), (grads, critic_grads) = grad_fn(params, critic_params, minibatch,
                                                            sft_minibatch)
-            updates, opt_state = self.policy_tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            critic_updates, critic_opt_state = self.critic_tx.update(
+            updates, new_opt_state = self.policy_tx.update(grads, opt_state, params)
+            critic_updates, new_critic_opt_state = self.critic_tx.update(
                 critic_grads, critic_opt_state, critic_params)
-            critic_params = optax.apply_updates(critic_params, critic_updates)
-            stats = {"loss": loss, **stats, "grad_norm": optax.tree.norm(grads),
-                     "critic_grad_norm": optax.tree.norm(critic_grads)}
-            return (params, opt_state, critic_params, critic_opt_state), stats
+            updated = (optax.apply_updates(params, updates), new_opt_state,
+                       optax.apply_updates(critic_params, critic_updates),
+                       new_critic_opt_state)
+            grad_norm, critic_grad_norm = (optax.tree.norm(grads),
+                                           optax.tree.norm(critic_grads))
+            finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                      & jnp.isfinite(critic_grad_norm))
+            carry = keep_if_finite(finite, updated, carry)
+            stats = {"loss": loss, **stats, "grad_norm": grad_norm,
+                     "critic_grad_norm": critic_grad_norm,
+                     "skipped_nonfinite": 1.0 - finite.astype(jnp.float32)}
+            return carry, stats
 
         carry = (state.params, state.opt_state, state.critic_params, state.critic_opt_state)
         carry, per_update = jax.lax.scan(
             one_update, carry, (order, jnp.arange(s.updates_per_iteration)))
         params, opt_state, critic_params, critic_opt_state = carry
         stats = {name: jnp.mean(value) for name, value in per_update.items()}
+        stats["skipped_nonfinite"] = jnp.sum(per_update["skipped_nonfinite"])
         # The first update runs with the rollout's parameters: its ratio must be 1.
         stats["first_ratio_max_deviation"] = per_update["ratio_max_deviation"][0]
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
