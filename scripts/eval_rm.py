@@ -13,11 +13,11 @@ history?, task?) writes each record back with a "score" field.
 import json
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from glm_jax.config import define_config_flag, parse_flags
 from glm_jax.train.reward import run_eval_cli
 
-config_flags.DEFINE_config_file("config", "configs/tiny.py", "the config used to train the model")
+define_config_flag("the config used to train the model")
 flags.DEFINE_string("workdir", None, "the reward model's training workdir", required=True)
 flags.DEFINE_string("pairs", None, "preference JSONL to evaluate on")
 flags.DEFINE_string("output", None, "write the evaluation summary here as JSON")
@@ -35,4 +35,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -7,11 +7,11 @@ reward model, then SFT on the winners; exports WORKDIR/sft/hf.
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from glm_jax.config import define_config_flag, parse_flags
 from glm_jax.train.rejection import train_rsft
 
-config_flags.DEFINE_config_file("config", "configs/tiny.py", "glm_jax config file")
+define_config_flag()
 flags.DEFINE_string("workdir", None, "directory for the winners, checkpoints and metrics",
                     required=True)
 
@@ -23,4 +23,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

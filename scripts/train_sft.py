@@ -5,11 +5,11 @@
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from glm_jax.config import define_config_flag, parse_flags
 from glm_jax.train.sft import train_sft
 
-config_flags.DEFINE_config_file("config", "configs/tiny.py", "glm_jax config file")
+define_config_flag()
 flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics", required=True)
 
 
@@ -20,4 +20,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
+from glm_jax.config import validate_config
 from glm_jax.data.pipeline import PreferenceDataset
 from glm_jax.data.records import (
     PreferencePair,
@@ -513,6 +514,7 @@ def _eval_fn(config: ConfigDict, graphdef: nnx.GraphDef, initial_params: Any, to
 def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """DPO of the policy in `config` (reference: the initial model) in mode `dpo.mode`, in
     `workdir`, resuming from its latest checkpoint; exports the policy to `workdir/hf`."""
+    validate_config(config)
     dpo, data = config.dpo, config.data
     mode = _check_config(dpo)
     workdir = Path(workdir)

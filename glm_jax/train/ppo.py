@@ -37,6 +37,7 @@ import optax
 from flax import nnx, struct
 from ml_collections import ConfigDict
 
+from glm_jax.config import validate_config
 from glm_jax.data.pipeline import SFTDataset
 from glm_jax.data.records import read_jsonl
 from glm_jax.losses import (
@@ -518,6 +519,7 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """PPO of the policy in `config` (model.init_checkpoint, normally the SFT export) against
     the reward model in `ppo.reward_model` (an RM workdir), on `ppo.prompt_file`, in
     `workdir`, resuming from its latest checkpoint; exports the policy to `workdir/hf`."""
+    validate_config(config)
     ppo, data = config.ppo, config.data
     for field in ("prompt_file", "reward_model"):
         if not ppo[field]:

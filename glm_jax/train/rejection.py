@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from glm_jax.config import validate_config
 from glm_jax.data.records import SFTExample, read_jsonl, write_jsonl
 from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.train.common import (
@@ -201,6 +202,7 @@ def train_rsft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """`rejection_sample`, then `train_sft` on the winners in `workdir/sft` (exported to
     `workdir/sft/hf`). Returns the SFT phase's last metrics, with the sampling summary under
     "best_of_n"."""
+    validate_config(config)
     workdir = Path(workdir)
     examples = rejection_sample(config, workdir)
     summary = load_summary(workdir)

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
+from glm_jax.config import validate_config
 from glm_jax.data.pipeline import PreferenceDataset, tokenize_record
 from glm_jax.data.records import PreferencePair, SFTExample, read_jsonl
 from glm_jax.losses import reward_model_loss
@@ -183,6 +184,7 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
     `rm.eval_file` prefixed `eval_`), orbax checkpoints, `model_config.json` and the
     tokenizer. Returns the last train and eval metrics.
     """
+    validate_config(config)
     rm, data = config.rm, config.data
     if not rm.train_file:
         raise ValueError("config.rm.train_file is empty: set it to a preference JSONL file "
@@ -280,6 +282,7 @@ def run_eval_cli(config: ConfigDict, workdir: str | Path, *, pairs: str | None =
                  output: str | None = None, responses: str | None = None,
                  scores_output: str | None = None) -> dict[str, Any]:
     """What scripts/eval_rm.py does: evaluate on `pairs` and/or score `responses`."""
+    validate_config(config)
     from glm_jax.data.records import write_jsonl
     from glm_jax.data.tokenizer import Tokenizer
     from glm_jax.train.checkpoint import load_trained_model

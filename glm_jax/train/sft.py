@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from glm_jax.config import validate_config
 from glm_jax.data.pipeline import PackedSFTDataset, SFTDataset
 from glm_jax.data.records import SFTExample, read_jsonl
 from glm_jax.losses import entropy_from_logits, sft_loss
@@ -103,6 +104,7 @@ def evaluate_sft(graphdef: nnx.GraphDef, params: Any, dataset: SFTDataset, mesh,
 def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Fine-tunes the language model of `config` on `sft.train_file` in `workdir` (resuming
     from its latest checkpoint), then exports it to `workdir/hf`. Returns the last metrics."""
+    validate_config(config)
     sft, data = config.sft, config.data
     if not sft.train_file:
         raise ValueError("config.sft.train_file is empty: set it to an SFT JSONL file "

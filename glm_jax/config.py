@@ -1,0 +1,267 @@
+"""The config schema: every field a glm_jax program reads, with its default and type.
+
+`default_config()` is the embedded tiny default (configs/tiny.py is exactly it); the other
+files in configs/ start from it and change fields. `validate_config` checks a config against
+it before a program starts: an unknown field is an error naming the field and the closest
+valid names, and a value of the wrong type is an error naming the field and both types.
+`MESH_PRESETS` are the mesh shapes a config file can pick with `--config configs/x.py:preset`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from ml_collections import ConfigDict
+
+# Mesh axis sizes for common machines (`data`, `fsdp`, `tensor`; -1 takes the remaining
+# devices). Training programs shard parameters over fsdp x tensor and the batch over
+# data x fsdp; PPO's generation favours tensor over fsdp (no all-gathers per decode step).
+MESH_PRESETS: dict[str, dict[str, int]] = {
+    "cpu": dict(data=1, fsdp=-1, tensor=1),  # every (forced) host device
+    "gpu1": dict(data=1, fsdp=1, tensor=1),
+    "gpu8": dict(data=1, fsdp=8, tensor=1),  # one 8-GPU host
+    "tpu_v4_32": dict(data=1, fsdp=16, tensor=1),  # 16 chips, 32 GiB HBM each
+    "tpu_v5e_256": dict(data=16, fsdp=16, tensor=1),  # 256 chips, 16 GiB HBM each
+}
+
+
+def default_config() -> ConfigDict:
+    """The embedded tiny default: a 2-layer GLM-4-shaped model on CPU, every stage's settings.
+    Its fields and their types are the schema every config is validated against."""
+    config = ConfigDict()
+    # Every training section: a NaN/Inf loss or gradient skips that update (counted in the
+    # metric skipped_nonfinite); more than max_nonfinite_steps in a row stop the run.
+    config.seed = 0
+    # Mesh axis sizes; one may be -1 (the remaining devices).
+    config.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # init_checkpoint: a Hugging Face / ChatGLM directory; empty means a fresh random tiny model
+    # whose fields `tiny` may override (glm_jax.models.tiny.tiny_config).
+    config.model = ConfigDict(dict(init_checkpoint="", dtype="float32", param_dtype="float32",
+                                   tiny=ConfigDict()))
+    # tokenizer: a directory with tokenizer.json / tokenizer.model; empty means the init
+    # checkpoint's, or the bundled tiny tokenizer.
+    config.data = ConfigDict(dict(tokenizer="", template="glm4", max_prompt_tokens=64,
+                                  max_response_tokens=64, truncation="truncate",
+                                  on_error="raise"))
+    # Supervised fine-tuning: loss on response tokens only; the result is exported to
+    # WORKDIR/hf for the later stages' model.init_checkpoint.
+    config.sft = ConfigDict(dict(
+        train_file="", eval_file="", packing=False, batch_size=16, num_steps=200,
+        learning_rate=1e-3, warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0,
+        max_grad_norm=1.0, eval_every=100, checkpoint_every=100, keep_checkpoints=2,
+        log_every=10, max_nonfinite_steps=10))
+    # Reward model (paper eq. 1-2): l2_coef is the lambda of eq. 2.
+    config.rm = ConfigDict(dict(
+        train_file="", eval_file="", batch_size=16, num_steps=200, learning_rate=1e-3,
+        warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, l2_coef=0.0,
+        eval_every=100, checkpoint_every=100, keep_checkpoints=2, log_every=10,
+        max_nonfinite_steps=10))
+    # DPO (paper eq. 7); the reference is the initial model. mode: "offline" trains on the
+    # annotated pairs of train_file; "reward_pairs" first samples num_samples responses to each
+    # prompt of prompt_file with the initial policy, scores them with reward_model (an RM
+    # workdir) and pairs each prompt's best and worst when their reward gap exceeds
+    # pair_margin (written to WORKDIR/reward_pairs.jsonl), then trains offline on those;
+    # "online" does the same with the current policy at every step (batch_size prompts).
+    # eval_file (annotated pairs) gives implicit-reward accuracy in every mode; sft_coef
+    # weighs an optional next-token loss on the chosen responses.
+    config.dpo = ConfigDict(dict(
+        mode="offline", train_file="", eval_file="", prompt_file="", reward_model="",
+        num_samples=4, pair_margin=0.5,
+        # Sampling of the reward-built pairs' responses.
+        temperature=1.0, top_k=0, top_p=1.0,
+        beta=0.1, sft_coef=0.0, batch_size=16, num_steps=200,
+        learning_rate=1e-4, warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0,
+        max_grad_norm=1.0, eval_every=100, checkpoint_every=100, keep_checkpoints=2,
+        log_every=10, max_nonfinite_steps=10))
+    # Rejection-sampling fine-tuning (best-of-N, the paper's comparison point): sample
+    # num_samples responses (temperature, top_k, top_p; batch_size rows per compiled call) to
+    # each prompt of prompt_file from the policy (model.init_checkpoint), score them with
+    # reward_model (an RM workdir), keep each prompt's best, then run SFT with config.sft's
+    # optimiser and steps on the winners. min_reward: "" keeps every best, a number drops the
+    # prompts whose best reward is below it. require_eos: responses cut off at
+    # data.max_response_tokens without EOS never win.
+    config.rsft = ConfigDict(dict(
+        prompt_file="", reward_model="", num_samples=4, temperature=1.0, top_k=0, top_p=1.0,
+        min_reward="", require_eos=True, batch_size=16))
+    # PPO (paper eq. 3-6). Four models: the policy (model.init_checkpoint, trained), the frozen
+    # reference (the same initial weights), the frozen reward model (reward_model: an RM
+    # workdir) and the critic (initialised from the reward model or the policy, trained).
+    # Each iteration samples batch_size prompts' responses, scores them, and runs ppo_epochs
+    # passes of minibatch updates, all in one compiled program.
+    config.ppo = ConfigDict(dict(
+        prompt_file="", reward_model="", critic_init="reward",
+        # num_steps counts iterations; fused=False runs rollout, scoring and updates as
+        # separate programs with host transfers in between (for debugging).
+        num_steps=50, fused=True, batch_size=16, minibatch_size=8, ppo_epochs=2,
+        # Sampling of the rollouts.
+        temperature=1.0, top_k=0, top_p=1.0,
+        # Optimisers (AdamW, warmup + cosine over all minibatch updates).
+        learning_rate=1e-4, critic_learning_rate=1e-4, warmup_steps=0, end_lr_ratio=1.0,
+        weight_decay=0.0, max_grad_norm=1.0,
+        # Losses: clipped surrogate, clipped value loss, GAE.
+        clip_ratio=0.2, clip_value=0.2, value_coef=1.0, gamma=1.0, lam=0.95,
+        # KL penalty against the reference policy (eq. 4): kl_target > 0 makes the
+        # coefficient adaptive (Ziegler et al.), moving towards kl_target over kl_horizon.
+        kl_coef=0.05, kl_kind="k1", kl_target=0.0, kl_horizon=10000,
+        # Eq. 5: subtract the reward of the reference policy's response to the same prompt,
+        # generated once (greedy, or sampled with the settings above) and cached in
+        # reference_cache (empty: WORKDIR/reference_responses.jsonl).
+        reference_reward=True, reference_greedy=True, reference_cache="",
+        whiten_rewards=False, whiten_advantages=True,
+        # Eq. 6: next-token loss on sft_file (an SFT JSONL) weighted by sft_coef.
+        sft_file="", sft_coef=0.0, sft_batch_size=8,
+        # Responses that reach the length limit without EOS get no_eos_penalty subtracted.
+        no_eos_penalty=0.0,
+        # Prompt filter (paper 3.4): sample filter_samples responses per prompt and drop the
+        # prompt when their reward variance is below filter_min_variance (0 samples: off).
+        filter_samples=0, filter_min_variance=1e-3,
+        checkpoint_every=10, keep_checkpoints=2, log_every=1,
+        max_nonfinite_steps=10))
+    return config
+
+
+def mesh_preset(name: str) -> ConfigDict:
+    """`config.mesh` for one of MESH_PRESETS."""
+    if name not in MESH_PRESETS:
+        raise ValueError(f"unknown mesh preset {name!r}; choose one of {sorted(MESH_PRESETS)}")
+    return ConfigDict(MESH_PRESETS[name])
+
+
+
+def paper_recipe(config: ConfigDict) -> ConfigDict:
+    """The paper's settings for a 6B-9B policy on a pod (section 3.4): bfloat16 compute with
+    float32 master weights, 1024-token prompts and responses, policy and critic learning
+    rate 1e-6, no reward or advantage whitening (the reference reward keeps PPO stable),
+    ~700 PPO iterations, the SFT loss on for capability retention. Changes `config` in place
+    and returns it."""
+    config.model.dtype = "bfloat16"
+    config.model.param_dtype = "float32"
+    config.data.max_prompt_tokens = 1024
+    config.data.max_response_tokens = 1024
+    config.sft.update(dict(batch_size=64, num_steps=2000, learning_rate=1e-5,
+                           warmup_steps=100, packing=True, eval_every=500,
+                           checkpoint_every=500, keep_checkpoints=3))
+    config.rm.update(dict(batch_size=64, num_steps=3000, learning_rate=5e-6, warmup_steps=100,
+                          l2_coef=1e-3, eval_every=500, checkpoint_every=500))
+    config.dpo.update(dict(batch_size=64, num_steps=1500, learning_rate=1e-6,
+                           warmup_steps=50, beta=0.1, eval_every=500, checkpoint_every=500))
+    config.ppo.update(dict(
+        num_steps=700, batch_size=128, minibatch_size=32, ppo_epochs=1,
+        learning_rate=1e-6, critic_learning_rate=1e-6, warmup_steps=10,
+        kl_coef=0.05, reference_reward=True, whiten_rewards=False, whiten_advantages=False,
+        sft_coef=0.1, sft_batch_size=16, checkpoint_every=20, keep_checkpoints=3))
+    return config
+
+# Fields that take more than one type: rsft.min_reward is "" (off) or a number.
+_UNION_FIELDS = {"rsft.min_reward": (str, int, float)}
+
+
+def closest_fields(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    return (f"did you mean {', '.join(close)}?" if close
+            else f"valid fields: {', '.join(sorted(valid))}")
+
+
+def _check_type(path: str, value: Any, default: Any) -> None:
+    allowed = _UNION_FIELDS.get(path)
+    if allowed is None:
+        if isinstance(default, bool):
+            allowed = (bool,)
+        elif isinstance(default, float):
+            allowed = (int, float)
+        elif isinstance(default, int):
+            allowed = (int,)
+        else:
+            allowed = (type(default),)
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        names = " or ".join(t.__name__ for t in allowed)
+        raise TypeError(f"config.{path} = {value!r} is a {type(value).__name__}; expected "
+                        f"{names} (as its default {default!r})")
+
+
+def _check_model_overrides(path: str, overrides: ConfigDict) -> None:
+    from glm_jax.models.glm import GlmConfig
+
+    fields = {f.name: f for f in dataclasses.fields(GlmConfig)}
+    for key in overrides:
+        if key not in fields:
+            raise ValueError(f"config.{path}.{key} is not a model config field; "
+                             f"{closest_fields(key, list(fields))}")
+
+
+def validate_config(config: ConfigDict, schema: ConfigDict | None = None) -> None:
+    """Raises ValueError for a field `default_config()` does not have (naming the closest
+    valid names) and TypeError for a value whose type differs from the default's."""
+    _validate(config, default_config() if schema is None else schema, "")
+
+
+def _validate(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:
+    for key in config:
+        path = f"{prefix}{key}"
+        if key not in schema:
+            where = f"config.{prefix[:-1]}" if prefix else "config"
+            raise ValueError(f"config.{path} is not a field of {where}; "
+                             f"{closest_fields(key, list(schema))}")
+        value, default = config[key], schema[key]
+        if path == "model.tiny":
+            _check_model_overrides(path, value)
+        elif isinstance(default, ConfigDict):
+            if not isinstance(value, ConfigDict):
+                raise TypeError(f"config.{path} must be a section (ConfigDict), "
+                                f"got {type(value).__name__}")
+            _validate(value, default, f"{path}.")
+        else:
+            _check_type(path, value, default)
+
+
+
+def _exit_on_unknown_override(argv: list[str], error: Exception) -> None:
+    """Exits with one line for the first `--config.a.b=...` that names no field."""
+    import sys
+
+    schema = default_config()
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=")[0].split(".")
+        section = schema
+        for depth, key in enumerate(path):
+            if not isinstance(section, ConfigDict) or key not in section:
+                where = ".".join(["config", *path[:depth]])
+                valid = list(section) if isinstance(section, ConfigDict) else []
+                sys.exit(f"error: {arg}: config.{'.'.join(path[:depth + 1])} is not a field "
+                         f"of {where}; {closest_fields(key, valid)}")
+            section = section[key]
+    raise error
+
+
+def define_config_flag(help_text: str = "glm_jax config file") -> None:
+    """`--config` (default configs/tiny.py) with `--config.section.field=value` overrides; a
+    misspelled override is one clear line naming the field and the closest valid names, not
+    a traceback from inside ml_collections."""
+    import sys
+
+    from ml_collections import config_flags
+
+    try:
+        config_flags.DEFINE_config_file("config", "configs/tiny.py", help_text)
+    except (AttributeError, KeyError) as e:
+        _exit_on_unknown_override(sys.argv, e)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing for the scripts (`app.run(main, flags_parser=parse_flags)`) with the
+    same one-line errors as `define_config_flag`."""
+    import sys
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+    except (AttributeError, KeyError) as e:
+        _exit_on_unknown_override(argv, e)
