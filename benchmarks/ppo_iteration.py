@@ -49,6 +49,7 @@ from glm_jax.models.tiny import tiny_config
 from glm_jax.sharding import MeshConfig, check_model_fits_mesh, make_mesh, shard_state
 from glm_jax.train.loop import batch_sharding, to_device
 from glm_jax.train.ppo import PPOProgram, PPOSettings, copy_params, init_ppo_state
+from glm_jax.train.programs import parameter_counts, ppo_iteration_flops
 from glm_jax.train.rollout import SamplingSettings
 from glm_jax.train.state import make_optimizer, shardings_of
 
@@ -97,40 +98,6 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / min(seconds_of(lambda: matmul(a, b), repeats)) / 1e9
 
 
-def parameter_counts(params: Any) -> dict[str, int]:
-    """Parameters of an nnx State split into embedding, LM head and the rest (backbone layers,
-    norms and any scalar head): the rest are the per-token matmul parameters."""
-    counts = {"embedding": 0, "lm_head": 0, "rest": 0}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = jax.tree_util.keystr(path)
-        kind = ("embedding" if "embed_tokens" in name else "lm_head" if "lm_head" in name
-                else "rest")
-        counts[kind] += int(np.prod(leaf.shape))
-    return counts
-
-
-def model_flops(args: argparse.Namespace, policy: dict[str, int], critic: dict[str, int],
-                reward: dict[str, int], config) -> dict[str, float]:
-    """Forward-equivalent matmul FLOPs of each phase of one iteration (see the docstring)."""
-    b, p, r = args.batch, args.prompt_length, args.response_length
-    t = p + r
-    attention_width = config.num_attention_heads * config.head_dim
-    # Causal: the token at position i attends i + 1 tokens; per row sum_i (i + 1) = T(T+1)/2.
-    attention = 4 * config.num_hidden_layers * attention_width * t * (t + 1) / 2 * b
-
-    def backbone(counts):  # one forward over the B x T sequence
-        return 2 * counts["rest"] * b * t + attention
-
-    lm_head = 2 * policy["lm_head"] * b * r  # logits at the R response positions
-    policy_forward = backbone(policy) + lm_head
-    critic_forward = backbone(critic)
-    return {
-        "rollout": policy_forward,  # prefill B x P + decode B x R tokens, R sampled logits
-        "scoring": 2 * policy_forward + critic_forward + backbone(reward),  # policy, ref
-        "update": args.epochs * 3 * (policy_forward + critic_forward),
-    }
-
-
 def build(args: argparse.Namespace, mesh):
     config = tiny_config(vocab_size=args.vocab, hidden_size=args.hidden,
                          intermediate_size=args.intermediate or 3 * args.hidden,
@@ -176,7 +143,9 @@ def main() -> None:
     config, program, state, ref_params, reward_params = build(args, mesh)
     counts = {name: parameter_counts(params) for name, params in (
         ("policy", state.params), ("critic", state.critic_params), ("reward", reward_params))}
-    flops = model_flops(args, counts["policy"], counts["critic"], counts["reward"], config)
+    flops = ppo_iteration_flops(config, counts["policy"], counts["critic"], counts["reward"],
+                                batch=args.batch, prompt_length=args.prompt_length,
+                                response_length=args.response_length, epochs=args.epochs)
 
     rng = np.random.RandomState(0)
     host_batch = {

@@ -32,7 +32,9 @@ def default_config() -> ConfigDict:
     Its fields and their types are the schema every config is validated against."""
     config = ConfigDict()
     # Every training section: a NaN/Inf loss or gradient skips that update (counted in the
-    # metric skipped_nonfinite); more than max_nonfinite_steps in a row stop the run.
+    # metric skipped_nonfinite); more than max_nonfinite_steps in a row stop the run. It keeps
+    # the last keep_checkpoints checkpoints, and with best_metric (an eval metric such as
+    # "eval_accuracy" or "eval_loss") also the best one, highest or lowest by best_mode.
     config.seed = 0
     # Mesh axis sizes; one may be -1 (the remaining devices).
     config.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -51,13 +53,13 @@ def default_config() -> ConfigDict:
         train_file="", eval_file="", packing=False, batch_size=16, num_steps=200,
         learning_rate=1e-3, warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0,
         max_grad_norm=1.0, eval_every=100, checkpoint_every=100, keep_checkpoints=2,
-        log_every=10, max_nonfinite_steps=10))
+        log_every=10, max_nonfinite_steps=10, best_metric="", best_mode="max"))
     # Reward model (paper eq. 1-2): l2_coef is the lambda of eq. 2.
     config.rm = ConfigDict(dict(
         train_file="", eval_file="", batch_size=16, num_steps=200, learning_rate=1e-3,
         warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, l2_coef=0.0,
         eval_every=100, checkpoint_every=100, keep_checkpoints=2, log_every=10,
-        max_nonfinite_steps=10))
+        max_nonfinite_steps=10, best_metric="", best_mode="max"))
     # DPO (paper eq. 7); the reference is the initial model. mode: "offline" trains on the
     # annotated pairs of train_file; "reward_pairs" first samples num_samples responses to each
     # prompt of prompt_file with the initial policy, scores them with reward_model (an RM
@@ -74,7 +76,7 @@ def default_config() -> ConfigDict:
         beta=0.1, sft_coef=0.0, batch_size=16, num_steps=200,
         learning_rate=1e-4, warmup_steps=10, end_lr_ratio=0.1, weight_decay=0.0,
         max_grad_norm=1.0, eval_every=100, checkpoint_every=100, keep_checkpoints=2,
-        log_every=10, max_nonfinite_steps=10))
+        log_every=10, max_nonfinite_steps=10, best_metric="", best_mode="max"))
     # Rejection-sampling fine-tuning (best-of-N, the paper's comparison point): sample
     # num_samples responses (temperature, top_k, top_p; batch_size rows per compiled call) to
     # each prompt of prompt_file from the policy (model.init_checkpoint), score them with
@@ -119,6 +121,16 @@ def default_config() -> ConfigDict:
         filter_samples=0, filter_min_variance=1e-3,
         checkpoint_every=10, keep_checkpoints=2, log_every=1,
         max_nonfinite_steps=10))
+    # Several processes (hosts) through JAX's multi-controller runtime. Empty
+    # coordinator_address: detected on TPU pods, SLURM and Open MPI, or read from
+    # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; a plain run is one process.
+    config.distributed = ConfigDict(dict(coordinator_address="", num_processes=0,
+                                         process_id=-1))
+    # Metrics of every stage: stdout, WORKDIR/metrics.jsonl and TensorBoard event files
+    # (WORKDIR/tensorboard). peak_tflops: one device's peak, for the MFU metric (0: known
+    # GPUs / TPUs from a table; CPUs report no MFU). wandb_project: also log to Weights &
+    # Biases (needs `pip install wandb`).
+    config.metrics = ConfigDict(dict(peak_tflops=0.0, wandb_project="", wandb_entity=""))
     return config
 
 

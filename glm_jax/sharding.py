@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -168,3 +169,34 @@ def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
             totals[shard.device] = totals.get(shard.device, 0) + int(
                 np.prod(shard.data.shape)) * shard.data.dtype.itemsize
     return totals
+
+
+def _launched_as_several_processes() -> bool:
+    """Whether the environment says this is one of several processes: JAX's own variables,
+    a SLURM step with several tasks, a multi-host TPU slice, or Open MPI."""
+    env = os.environ
+    return bool(env.get("JAX_COORDINATOR_ADDRESS")
+                or int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1
+                or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> None:
+    """Starts JAX's multi-controller runtime (`jax.distributed.initialize`) once, before any
+    device is used. With `coordinator_address` ("host:port") the process count and id must be
+    given too; without it JAX detects them on TPU pods, SLURM and Open MPI, or from
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID. A plain single-machine
+    run (none of those) stays one process."""
+    if jax.distributed.is_initialized():
+        return
+    if coordinator_address:
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"config.distributed: coordinator_address={coordinator_address!r} needs "
+                f"num_processes >= 1 and 0 <= process_id < num_processes (got "
+                f"num_processes={num_processes}, process_id={process_id})")
+        jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    elif _launched_as_several_processes():
+        jax.distributed.initialize()

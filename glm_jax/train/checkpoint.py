@@ -19,30 +19,70 @@ from glm_jax.sharding import state_shardings
 class Checkpointer:
     """Keeps the last `max_to_keep` checkpoints under `directory`; saves are asynchronous and
     atomic (orbax writes to a temporary directory and renames it when complete, so an
-    interrupted save is never taken as the latest)."""
+    interrupted save is never taken as the latest). With `best_metric` (a name among the
+    metrics passed to `save`, e.g. "eval_accuracy") the best checkpoint by it is kept too,
+    highest or lowest by `best_mode` ("max" / "min")."""
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 3):
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                             item_names=("state", "extra"))
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 3, best_metric: str = "",
+                 best_mode: str = "max"):
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        policies = ocp.checkpoint_managers
+        options: dict[str, Any] = dict(max_to_keep=max_to_keep)
+        if best_metric:
+            if best_mode not in ("max", "min"):
+                raise ValueError(f"best_mode = {best_mode!r}: expected 'max' or 'min'")
+            options = dict(
+                preservation_policy=policies.AnyPreservationPolicy([
+                    policies.LatestN(n=max_to_keep),
+                    policies.BestN(get_metric_fn=lambda m: m[best_metric],
+                                   reverse=best_mode == "min", n=1,
+                                   keep_checkpoints_without_metrics=False)]),
+                best_fn=lambda m: m[best_metric], best_mode=best_mode)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(create=True, **options),
+            item_names=("state", "extra"))
 
-    def save(self, step: int, state: Any, extra: dict[str, Any] | None = None) -> None:
+    def save(self, step: int, state: Any, extra: dict[str, Any] | None = None,
+             metrics: dict[str, float] | None = None) -> None:
+        """metrics: ranks the checkpoint when `best_metric` is set (None: unranked)."""
+        if self.best_metric and metrics is not None and self.best_metric not in metrics:
+            raise ValueError(f"best_metric {self.best_metric!r} is not among the metrics "
+                             f"{sorted(metrics)}")
+        ranked = metrics if self.best_metric else None
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})),
-            force=True)
+            metrics=ranked, force=True)
+
+    def best_step(self) -> int | None:
+        """The step of the best checkpoint by `best_metric` (None without one)."""
+        return self.manager.best_step() if self.best_metric else None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restores onto `target`'s structure, dtypes and shardings (which may be a different
-        mesh than the one that saved)."""
+        mesh than the one that saved). A checkpoint of another model or optimizer (other
+        parameter names, shapes or dtypes) is a ValueError naming the first difference."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+        hint = (f"the checkpoint {self.directory / str(step)} was written by a run with a "
+                f"different model or optimizer config; use a new workdir, or the config "
+                f"that wrote it (config.json beside its checkpoints)")
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{hint}. Orbax: {e}") from e
+        for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
+                                     jax.tree.leaves(restored.state), strict=True):
+            if want.shape != got.shape or want.dtype != got.dtype:
+                raise ValueError(f"{hint}: {jax.tree_util.keystr(path)} is {got.dtype}"
+                                 f"{list(got.shape)} there and {want.dtype}{list(want.shape)} "
+                                 f"here")
         return restored.state, dict(restored.extra or {})
 
     def wait(self) -> None:

@@ -15,13 +15,22 @@ from glm_jax.data.tokenizer import CHATGLM3_TEMPLATE, GLM4_TEMPLATE, ChatTemplat
 from glm_jax.models.convert import HEADS, from_pretrained
 from glm_jax.models.heads import GlmRewardModel
 from glm_jax.models.tiny import tiny_config
-from glm_jax.sharding import MeshConfig, check_model_fits_mesh, make_mesh, shard_state
+from glm_jax.sharding import (
+    MeshConfig,
+    check_model_fits_mesh,
+    initialize_distributed,
+    make_mesh,
+    shard_state,
+)
 from glm_jax.train.checkpoint import load_trained_model
 
 TEMPLATES = {"glm4": GLM4_TEMPLATE, "chatglm3": CHATGLM3_TEMPLATE}
 
 
 def mesh_from_config(config: ConfigDict) -> Mesh:
+    """The mesh of `config.mesh` over every process's devices (starting the multi-process
+    runtime first when config.distributed or the environment asks for it)."""
+    initialize_distributed(**config.get("distributed", {}))
     return make_mesh(MeshConfig(**config.mesh))
 
 

@@ -55,7 +55,8 @@ from glm_jax.train.common import (
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.loop import batch_sharding, run_stage, to_device
+from glm_jax.train.loop import batch_sharding, global_to_device, run_stage, to_host
+from glm_jax.train.programs import BoundStep
 from glm_jax.train.prompts import PromptDataset
 from glm_jax.train.reward import score_responses
 from glm_jax.train.rollout import (
@@ -187,9 +188,10 @@ def reference_logps(graphdef: nnx.GraphDef, params: Any, dataset: PreferenceData
                   for k in _PAIR_KEYS}
         shardings = shardings or batch_sharding(mesh, padded)
         with jax.set_mesh(mesh):
-            chosen, rejected = _pair_logps_jit(graphdef, params, to_device(padded, shardings))
-        out[batch["pair_index"], 0] = np.asarray(chosen)[:size]
-        out[batch["pair_index"], 1] = np.asarray(rejected)[:size]
+            chosen, rejected = to_host(_pair_logps_jit(graphdef, params,
+                                                       global_to_device(padded, shardings)))
+        out[batch["pair_index"], 0] = chosen[:size]
+        out[batch["pair_index"], 1] = rejected[:size]
     return out
 
 
@@ -550,8 +552,7 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                 sft_coef=dpo.sft_coef, num_samples=dpo.num_samples, margin=dpo.pair_margin,
                 seed=config.seed, mesh=mesh, state_sharding=shardings_of(state),
                 reward_sharding=shardings_of(reward_params), prompt_sharding=shardings)
-            return lambda state, prompts: step(state, reference_params, reward_params,
-                                               prompts)
+            return BoundStep(step, (reference_params, reward_params))
     else:
         if mode == "offline":
             pairs, _ = read_jsonl(dpo.train_file, "preference", on_error=data.on_error)

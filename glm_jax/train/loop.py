@@ -5,6 +5,9 @@ Side effects (I/O, logging, checkpoints) live here, never inside the jitted step
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
@@ -23,6 +27,7 @@ from glm_jax.sharding import logical_to_spec
 from glm_jax.train.checkpoint import Checkpointer, save_model_config
 from glm_jax.train.common import is_main_process, save_config, save_tokenizer
 from glm_jax.train.metrics import MetricsWriter
+from glm_jax.train.programs import compile_step, peak_flops
 from glm_jax.train.state import TrainState
 
 Batch = Mapping[str, np.ndarray]
@@ -30,17 +35,43 @@ _HOST_ONLY = ("task_index", "pair_index", "prompt_index", "sft_task_index")
 StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
 
 
-def batch_sharding(mesh: Mesh, batch: Batch) -> dict[str, NamedSharding]:
-    """Rows of every batch array split over the data-parallel mesh axes."""
-    return {key: NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (value.ndim - 1),
-                                                     value.shape, mesh))
+def batch_sharding(mesh: Mesh, batch: Batch, num_processes: int = 1
+                   ) -> dict[str, NamedSharding]:
+    """Rows of every batch array split over the data-parallel mesh axes. With
+    `num_processes`, `batch` holds one process's rows of a global batch that many times
+    larger."""
+    return {key: NamedSharding(mesh, logical_to_spec(
+                ("batch",) + (None,) * (value.ndim - 1),
+                (value.shape[0] * num_processes, *value.shape[1:]), mesh))
             for key, value in batch.items()}
 
 
 def to_device(batch: Batch, shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
     """A global array per key from this process's rows (one process: all rows)."""
-    return {key: jax.make_array_from_process_local_data(shardings[key], np.asarray(value))
+    count = jax.process_count()
+    return {key: jax.make_array_from_process_local_data(
+                shardings[key], np.asarray(value),
+                (np.shape(value)[0] * count, *np.shape(value)[1:]))
             for key, value in batch.items() if key in shardings}
+
+
+def global_to_device(batch: Batch, shardings: Mapping[str, NamedSharding]
+                     ) -> dict[str, jax.Array]:
+    """A global array per key from a batch every process holds whole (evaluation and sampling
+    loops over a file every process reads): each device takes its own slice."""
+    return {key: jax.make_array_from_callback(np.shape(value), shardings[key],
+                                              lambda index, value=value: np.asarray(value)[index])
+            for key, value in batch.items() if key in shardings}
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of (possibly multi-process) global arrays, whole on every process."""
+    def fetch(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(fetch, tree)
 
 
 def resume(checkpointer: Checkpointer, state: TrainState, batches: Iterator
@@ -51,8 +82,44 @@ def resume(checkpointer: Checkpointer, state: TrainState, batches: Iterator
         return state
     state, extra = checkpointer.restore(state)
     batches.set_state(extra["data"])
-    print(f"resumed from step {int(state.step)} in {checkpointer.manager.directory}")
+    print(f"resumed from step {int(state.step)} in {checkpointer.directory}")
     return state
+
+
+class Preemption:
+    """While active, SIGTERM and SIGINT only set `requested`; the loop saves a checkpoint at
+    the next step boundary and exits. A second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes stop at the same step)."""
+        flag = self.requested is not None
+        if jax.process_count() > 1:
+            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+
+def batch_tokens(batch: Batch) -> int:
+    """Token positions a batch feeds the model: the sizes of its `*_ids` arrays."""
+    return sum(int(np.size(v)) for k, v in batch.items() if k.endswith("_ids"))
 
 
 def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]], StepFn],
@@ -60,52 +127,95 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
                writer: MetricsWriter | None, desc: str,
                eval_fn: Callable[[TrainState], dict[str, Any]] | None = None,
                eval_every: int = 0, checkpoint_every: int = 0,
-               max_nonfinite_steps: int = 10) -> tuple[TrainState, dict[str, Any]]:
+               max_nonfinite_steps: int = 10, tokens_per_step: int | None = None,
+               flops_per_step: float | None = None, peak_flops: float | None = None
+               ) -> tuple[TrainState, dict[str, Any]]:
     """Runs `state` from its step to `num_steps`.
 
-    make_step: given the batch shardings, the jitted `(state, batch) -> (state, metrics)`.
-    batches: a resumable iterator of host batches (`get_state` / `set_state`); its
-      `task_index` / `pair_index` entries are bookkeeping and are not fed to the step.
+    make_step: given the batch shardings, the jitted `(state, batch) -> (state, metrics)` (or
+      a BoundStep); it is compiled ahead of time, and its memory needs are printed and
+      checked against the device before the first step.
+    batches: a resumable iterator of host batches (`get_state` / `set_state`) holding this
+      process's rows; its `task_index` / `pair_index` entries are bookkeeping and are not fed
+      to the step.
     eval_fn: `state -> {name: number, ...}` run every `eval_every` steps and at the end; its
       numbers are written prefixed `eval_`, and the last result is returned under "eval".
     Checkpoints (with the iterator position) every `checkpoint_every` steps and at the end.
     A step whose metrics report `skipped_nonfinite` left the state unchanged; more than
     `max_nonfinite_steps` of them in a row stop the run with FloatingPointError.
+    SIGTERM / SIGINT: a checkpoint at the next step boundary, then SystemExit(0).
+    Metrics added per step: `step_time` (seconds), `tokens_per_second` (`tokens_per_step`,
+    default the batch's `*_ids` sizes over all processes), `tflops_per_second` (all devices;
+    `flops_per_step`, default XLA's count of the compiled step) and, when `peak_flops` (per
+    device) is known, `mfu`.
     Returns the final state and the last step's metrics.
     """
-    step_fn, shardings = None, None
+    step_fn, shardings, cost = None, None, None
     last: dict[str, Any] = {}
     skipped_in_a_row = 0
     start = int(state.step)
-    for step in tqdm(range(start, num_steps), initial=start, total=num_steps, desc=desc,
-                     unit="step"):
-        batch = {k: v for k, v in next(batches).items() if k not in _HOST_ONLY}
-        if step_fn is None:
-            shardings = batch_sharding(mesh, batch)
-            step_fn = make_step(shardings)
-        with jax.set_mesh(mesh):
-            state, metrics = step_fn(state, to_device(batch, shardings))
-        done = step + 1
-        last = {k: float(v) for k, v in metrics.items()}
-        skipped_in_a_row = skipped_in_a_row + 1 if last.get("skipped_nonfinite") else 0
-        if skipped_in_a_row > max_nonfinite_steps:
-            raise FloatingPointError(
-                f"{desc}: the loss or gradients were NaN/Inf for {skipped_in_a_row} steps in "
-                f"a row (up to step {done}; those updates were skipped, the parameters and "
-                f"checkpoints are from before them). Lower the learning rate or check the "
-                f"data; the limit is max_nonfinite_steps={max_nonfinite_steps}")
-        if writer:
-            writer.write(done, last)
-        final = done == num_steps
-        if eval_fn and ((eval_every and done % eval_every == 0) or final):
-            last["eval"] = eval_fn(state)
+    with Preemption() as preemption:
+        for step in tqdm(range(start, num_steps), initial=start, total=num_steps, desc=desc,
+                         unit="step", disable=not is_main_process()):
+            batch = {k: v for k, v in next(batches).items() if k not in _HOST_ONLY}
+            tokens = (tokens_per_step if tokens_per_step is not None
+                      else batch_tokens(batch) * jax.process_count())
+            if shardings is None:
+                shardings = batch_sharding(mesh, batch, jax.process_count())
+            device_batch = to_device(batch, shardings)
+            if step_fn is None:
+                with jax.set_mesh(mesh):
+                    step_fn, cost = compile_step(make_step(shardings), state, device_batch,
+                                                 desc)
+            began = time.perf_counter()
+            with jax.set_mesh(mesh):
+                state, metrics = step_fn(state, device_batch)
+            last = {k: float(v) for k, v in metrics.items()}  # waits for the step
+            elapsed = time.perf_counter() - began
+            flops = (flops_per_step if flops_per_step is not None
+                     else cost.flops * mesh.size if cost else 0.0)
+            last |= throughput(elapsed, tokens, flops, peak_flops, mesh.size)
+            done = step + 1
+            skipped_in_a_row = skipped_in_a_row + 1 if last.get("skipped_nonfinite") else 0
+            if skipped_in_a_row > max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{desc}: the loss or gradients were NaN/Inf for {skipped_in_a_row} steps "
+                    f"in a row (up to step {done}; those updates were skipped, the parameters "
+                    f"and checkpoints are from before them). Lower the learning rate or check "
+                    f"the data; the limit is max_nonfinite_steps={max_nonfinite_steps}")
             if writer:
-                writer.write(done, {f"eval_{k}": v for k, v in last["eval"].items()
-                                    if isinstance(v, int | float)})
-        if (checkpoint_every and done % checkpoint_every == 0) or final:
-            checkpointer.save(done, state, {"data": batches.get_state()})
+                writer.write(done, last)
+            final = done == num_steps
+            evaluated = None
+            if eval_fn and ((eval_every and done % eval_every == 0) or final):
+                last["eval"] = eval_fn(state)
+                evaluated = {f"eval_{k}": v for k, v in last["eval"].items()
+                             if isinstance(v, int | float)}
+                if writer:
+                    writer.write(done, evaluated)
+            stop = preemption.agreed()
+            if (checkpoint_every and done % checkpoint_every == 0) or final or stop:
+                checkpointer.save(done, state, {"data": batches.get_state()}, evaluated)
+            if stop and not final:
+                checkpointer.wait()
+                print(f"{desc}: {preemption.requested or 'another process'} asked to stop; "
+                      f"saved the checkpoint of step {done} in {checkpointer.directory}. Run "
+                      f"the same command again to resume.", flush=True)
+                raise SystemExit(0)
     checkpointer.wait()
     return state, last
+
+
+def throughput(seconds: float, tokens: int, flops: float, peak_flops: float | None,
+               num_devices: int) -> dict[str, float]:
+    """Per-step speed metrics from the step's wall time; `flops` over all devices,
+    `peak_flops` per device."""
+    out = {"step_time": seconds, "tokens_per_second": tokens / seconds}
+    if flops:
+        out["tflops_per_second"] = flops / seconds / 1e12
+        if peak_flops:
+            out["mfu"] = flops / seconds / (peak_flops * num_devices)
+    return out
 
 
 def keep_if_finite(finite: jax.Array, updated: Any, previous: Any) -> Any:
@@ -147,33 +257,59 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
               state: TrainState, make_step: Callable[[dict[str, NamedSharding]], StepFn],
               batches: Iterator, mesh: Mesh, model_config: Any, tokenizer: Any, desc: str,
               eval_fn: Callable[[TrainState], dict[str, Any]] | None = None,
-              export_hf: bool = False) -> dict[str, Any]:
+              export_hf: bool = False, tokens_per_step: int | None = None,
+              flops_per_step: float | None = None) -> dict[str, Any]:
     """What every stage does around its step: resume from `workdir/checkpoints`, record the
     resolved config, model config and tokenizer, run `train_loop` with the metrics writer,
     and (with `export_hf`) export the final model to `workdir/hf`. `section` is the stage's
     config section (num_steps, checkpoint_every, keep_checkpoints, log_every, and optionally
-    eval_every).
+    eval_every, max_nonfinite_steps, best_metric, best_mode).
     Returns the last step's metrics."""
-    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=section.keep_checkpoints)
+    best_metric = section.get("best_metric", "")
+    if best_metric and eval_fn is None:
+        raise ValueError(f"best_metric = {best_metric!r} ranks checkpoints by an eval metric, "
+                         f"but this {desc} run has no evaluation (set its eval_file)")
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=section.keep_checkpoints,
+                                best_metric=best_metric,
+                                best_mode=section.get("best_mode", "max"))
     state = resume(checkpointer, state, batches)
     main = is_main_process()
     if main:
         save_config(config, workdir)
         save_model_config(model_config, workdir)
         save_tokenizer(tokenizer, workdir)
-    writer = (MetricsWriter(workdir, print_every=section.log_every, resume_step=int(state.step))
+    writer = (MetricsWriter(workdir, print_every=section.log_every, resume_step=int(state.step),
+                            wandb=wandb_settings(config, workdir))
               if main else None)
     try:
         state, last = train_loop(
             state, make_step, batches, mesh=mesh, num_steps=section.num_steps,
             checkpointer=checkpointer, writer=writer, desc=desc, eval_fn=eval_fn,
             eval_every=section.get("eval_every", 0), checkpoint_every=section.checkpoint_every,
-            max_nonfinite_steps=section.get("max_nonfinite_steps", 10))
+            max_nonfinite_steps=section.get("max_nonfinite_steps", 10),
+            tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
+            peak_flops=peak_flops(mesh.devices.flat[0],
+                                  config.get("metrics", {}).get("peak_tflops", 0.0)))
+        if checkpointer.best_step() is not None:
+            print(f"{desc}: best checkpoint by {best_metric} is step "
+                  f"{checkpointer.best_step()} in {checkpointer.directory}")
     finally:
         checkpointer.close()
         if writer:
             writer.close()
-    if export_hf and main:
-        hf_dir = save_pretrained(nnx.merge(graphdef, state.params), workdir / "hf")
-        save_tokenizer(tokenizer, hf_dir)
+    if export_hf:
+        # Several processes hold a shard each: gather (collectively), then one writes.
+        params = state.params if jax.process_count() == 1 else to_host(state.params)
+        if main:
+            hf_dir = save_pretrained(nnx.merge(graphdef, params), workdir / "hf")
+            save_tokenizer(tokenizer, hf_dir)
     return last
+
+
+def wandb_settings(config: ConfigDict, workdir: Path) -> dict[str, Any] | None:
+    """Weights & Biases run settings when config.metrics.wandb_project is set."""
+    metrics = config.get("metrics", {})
+    if not metrics.get("wandb_project"):
+        return None
+    return dict(project=metrics.wandb_project, entity=metrics.get("wandb_entity") or None,
+                name=Path(workdir).name, config=config.to_dict())

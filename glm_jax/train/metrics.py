@@ -107,10 +107,12 @@ class MetricsWriter:
     one (process 0 in a multi-host run)."""
 
     def __init__(self, workdir: str | Path, *, print_every: int = 1, prefix: str = "",
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, wandb: dict[str, Any] | None = None):
         """resume_step: for a training run, the step it (re)starts from; lines of later steps
         (written by a run that died after its last checkpoint) are dropped, so replayed steps
-        are not logged twice. None appends to the file as it is."""
+        are not logged twice. None appends to the file as it is.
+        wandb: `wandb.init` arguments (project, name, ...) to also log to Weights & Biases;
+        the run id is kept in `workdir/wandb_run_id`, so a resumed run continues it."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "metrics.jsonl"
@@ -124,6 +126,7 @@ class MetricsWriter:
         self._tensorboard = TensorBoardWriter(self.workdir / "tensorboard")
         self.print_every = print_every
         self.prefix = prefix
+        self._wandb = _start_wandb(self.workdir, wandb) if wandb else None
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         values = {key: _to_python(value) for key, value in metrics.items()}
@@ -133,6 +136,8 @@ class MetricsWriter:
         scalars = {f"{self.prefix}{k}": float(v) for k, v in values.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)}
         self._tensorboard.scalars(int(step), scalars)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(step))
         if self.print_every and step % self.print_every == 0:
             shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items()
                               if isinstance(v, int | float))
@@ -142,6 +147,20 @@ class MetricsWriter:
     def close(self) -> None:
         self._jsonl.close()
         self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(workdir: Path, settings: dict[str, Any]) -> Any:
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("config.metrics.wandb_project is set but wandb is not installed: "
+                          "pip install wandb (or leave wandb_project empty)") from e
+    id_file = workdir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id + "\n")
+    return wandb.init(id=run_id, resume="allow", dir=str(workdir), **settings)
 
 
 def _short(value: float) -> str:

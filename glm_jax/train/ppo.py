@@ -66,6 +66,7 @@ from glm_jax.train.common import (
     tokenizer_from_config,
 )
 from glm_jax.train.loop import keep_if_finite, run_stage
+from glm_jax.train.programs import BoundStep, parameter_counts, ppo_iteration_flops
 from glm_jax.train.prompts import (
     PromptDataset,
     ZippedBatches,
@@ -542,15 +543,17 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     kept, ref_rewards, report = prepare_prompts(config, workdir, policy, reward_model,
                                                 prompt_ids, prompt_mask, prompts, tokenizer,
                                                 mesh)
-    batches: Any = PromptDataset(prompt_ids, prompt_mask, ref_rewards=ref_rewards, kept=kept,
-                                 batch_size=ppo.batch_size, seed=config.seed)
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    batches: Any = iter(PromptDataset(prompt_ids, prompt_mask, ref_rewards=ref_rewards,
+                                      kept=kept, batch_size=ppo.batch_size, seed=config.seed,
+                                      **process))
     if ppo.sft_coef > 0:
         examples, _ = read_jsonl(ppo.sft_file, "sft", on_error=data.on_error)
         sft_data = SFTDataset(examples, tokenizer, template,
                               batch_size=settings.updates_per_iteration * ppo.sft_batch_size,
                               max_prompt_tokens=data.max_prompt_tokens,
                               max_response_tokens=data.max_response_tokens,
-                              truncation=data.truncation, seed=config.seed)
+                              truncation=data.truncation, seed=config.seed, **process)
         batches = ZippedBatches(batches, sft_data, prefix="sft_")
 
     num_updates = ppo.num_steps * settings.updates_per_iteration
@@ -575,10 +578,16 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     def make_step(batch_shardings):
         build = program.jit_iteration if ppo.fused else program.step_by_step
         iteration = build(shardings_of(state), batch_shardings)
-        return lambda state, batch: iteration(state, ref_params, reward_params, batch)
+        return BoundStep(iteration, (ref_params, reward_params))
 
+    sequence = (ppo.batch_size, data.max_prompt_tokens, data.max_response_tokens)
+    flops = ppo_iteration_flops(
+        model_config, parameter_counts(state.params), parameter_counts(state.critic_params),
+        parameter_counts(reward_params), batch=sequence[0], prompt_length=sequence[1],
+        response_length=sequence[2], epochs=ppo.ppo_epochs)
     last = run_stage(config, ppo, workdir, graphdef=policy_graphdef, state=state,
                      make_step=make_step, batches=batches, mesh=mesh,
                      model_config=model_config, tokenizer=tokenizer, desc="PPO",
-                     export_hf=True)
+                     export_hf=True, tokens_per_step=sequence[0] * (sequence[1] + sequence[2]),
+                     flops_per_step=sum(flops.values()))
     return {**last, "prompts": report}

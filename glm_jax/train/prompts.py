@@ -15,7 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from glm_jax.data.pipeline import _BatchedDataset, _check_batching
 from glm_jax.data.records import PromptExample, write_jsonl
@@ -38,21 +40,29 @@ def cache_key(**parts: Any) -> str:
 def cached_jsonl(path: str | Path, key: str, compute: Callable[[], list[dict[str, Any]]],
                  what: str) -> list[dict[str, Any]]:
     """The records in `path` if its `.key` file holds `key`; else `compute()`, written to
-    `path` (atomically) and then the key."""
+    `path` (atomically) and then the key. With several processes (the workdir on a
+    filesystem they share) process 0 decides whether to reuse, all of them compute (it is a
+    collective program), and only process 0 writes."""
     path = Path(path)
     key_path = path.with_name(path.name + ".key")
-    if path.exists() and key_path.exists() and key_path.read_text().strip() == key:
+    reuse = path.exists() and key_path.exists() and key_path.read_text().strip() == key
+    if jax.process_count() > 1:
+        reuse = bool(multihost_utils.broadcast_one_to_all(np.int32(reuse)))
+    if reuse:
         print(f"{what}: reusing {path}")
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
     records = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key_path.unlink(missing_ok=True)
-    write_jsonl(path, records)
-    tmp = key_path.with_name(key_path.name + ".tmp")
-    tmp.write_text(key + "\n")
-    os.replace(tmp, key_path)
-    print(f"{what}: wrote {path}")
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key_path.unlink(missing_ok=True)
+        write_jsonl(path, records)
+        tmp = key_path.with_name(key_path.name + ".tmp")
+        tmp.write_text(key + "\n")
+        os.replace(tmp, key_path)
+        print(f"{what}: wrote {path}")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"wrote {path}")
     return records
 
 

@@ -35,7 +35,7 @@ from glm_jax.train.common import (
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.loop import batch_sharding, run_stage, to_device
+from glm_jax.train.loop import batch_sharding, global_to_device, run_stage, to_host
 from glm_jax.train.state import (
     TrainState,
     init_train_state,
@@ -114,9 +114,10 @@ def score_pairs(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], m
         arrays = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask"))}
         shardings = shardings or batch_sharding(mesh, arrays)
         with jax.set_mesh(mesh):
-            chosen, rejected = _pair_rewards_jit(graphdef, params, to_device(arrays, shardings))
-        parts["chosen"].append(np.asarray(chosen)[valid])
-        parts["rejected"].append(np.asarray(rejected)[valid])
+            chosen, rejected = to_host(_pair_rewards_jit(graphdef, params,
+                                                         global_to_device(arrays, shardings)))
+        parts["chosen"].append(chosen[valid])
+        parts["rejected"].append(rejected[valid])
         parts["chosen_length"].append(np.asarray(batch["chosen_mask"]).sum(-1)[valid])
         parts["rejected_length"].append(np.asarray(batch["rejected_mask"]).sum(-1)[valid])
         parts["task_index"].append(np.asarray(batch.get("task_index",

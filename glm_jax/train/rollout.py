@@ -26,7 +26,7 @@ from glm_jax.data.records import PromptExample
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
 from glm_jax.generation import GenerationOutput, sample
 from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
-from glm_jax.train.loop import batch_sharding, to_device
+from glm_jax.train.loop import batch_sharding, global_to_device, to_host
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,13 @@ def sample_prompts(policy: GlmForCausalLM, reward_model: GlmRewardModel,
         index = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
         batch = {"ids": prompt_ids[index], "mask": prompt_mask[index]}
         shardings = shardings or batch_sharding(mesh, batch)
-        batch = to_device(batch, shardings)
+        batch = global_to_device(batch, shardings)
         with jax.set_mesh(mesh):
             out, rewards = _sample_and_score_jit(
                 policy_graphdef, reward_graphdef, settings, policy_params, reward_params,
                 batch["ids"], batch["mask"], jax.random.fold_in(key, number))
-        parts.append(tuple(np.asarray(x)[:len(chunk)] for x in (
-            out.tokens, out.response_mask, out.ended_with_eos, rewards)))
+        parts.append(tuple(x[:len(chunk)] for x in to_host(
+            (out.tokens, out.response_mask, out.ended_with_eos, rewards))))
     tokens, response_mask, ended, rewards = (np.concatenate(column)
                                              for column in zip(*parts, strict=True))
     shape = (n, num_samples)

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 from ml_collections import ConfigDict
+from tqdm.auto import tqdm
 
 from glm_jax.config import validate_config
 from glm_jax.data.pipeline import PackedSFTDataset, SFTDataset
@@ -32,7 +33,7 @@ from glm_jax.train.common import (
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.loop import batch_sharding, run_stage, to_device
+from glm_jax.train.loop import batch_sharding, global_to_device, run_stage
 from glm_jax.train.state import (
     TrainState,
     init_train_state,
@@ -90,11 +91,12 @@ def evaluate_sft(graphdef: nnx.GraphDef, params: Any, dataset: SFTDataset, mesh,
                  ) -> dict[str, float]:
     """Token-weighted response NLL (and perplexity) over every example of `dataset`."""
     total, tokens, shardings = 0.0, 0, None
-    for batch in dataset:
+    for batch in tqdm(dataset, desc="evaluating", unit="batch", leave=False):
         arrays = {k: v for k, v in batch.items() if k != "task_index"}
         shardings = shardings or batch_sharding(mesh, arrays)
         with jax.set_mesh(mesh):
-            loss, stats = _eval_loss_jit(graphdef, params, to_device(arrays, shardings))
+            loss, stats = _eval_loss_jit(graphdef, params,
+                                         global_to_device(arrays, shardings))
         count = int(stats["response_tokens"])
         total, tokens = total + float(loss) * count, tokens + count
     nll = total / max(tokens, 1)
