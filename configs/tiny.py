@@ -1,7 +1,8 @@
-"""The embedded tiny default: a 2-layer GLM-4-shaped model on CPU, every stage's settings.
+"""The embedded tiny default: a 2-layer GLM-4-shaped model on CPU, and the settings with which
+scripts/run_pipeline.py runs the whole pipeline on the synthetic world in minutes.
 
-Its fields, defaults and the comments on them are in glm_jax/config.py (`default_config`),
-the schema every config is checked against. Use with any script: `--config configs/tiny.py`,
+Every field, its schema default and its meaning are in glm_jax/config.py (`default_config`);
+this file changes the ones the pipeline needs. Use with any script: `--config configs/tiny.py`,
 overriding fields on the command line, e.g. `--config.rm.num_steps=50 --config.mesh.fsdp=8`;
 `--config configs/tiny.py:gpu1` picks a mesh preset (glm_jax.config.MESH_PRESETS).
 """
@@ -15,4 +16,18 @@ def get_config(mesh: str = "") -> ConfigDict:
     config = default_config()
     if mesh:
         config.mesh = mesh_preset(mesh)
+    # The synthetic tasks' prompts are under 32 tokens with the chat template and their
+    # answers a few tokens (filler included).
+    config.data.update(max_prompt_tokens=32, max_response_tokens=12)
+    config.sft.update(batch_size=32, num_steps=400, learning_rate=2e-3, warmup_steps=20,
+                      eval_every=0, checkpoint_every=200, log_every=50)
+    config.rm.update(batch_size=32, num_steps=600, learning_rate=5e-4, warmup_steps=20,
+                     eval_every=600, checkpoint_every=600, log_every=100)
+    config.ppo.update(num_steps=40, batch_size=32, minibatch_size=16, ppo_epochs=2,
+                      learning_rate=5e-5, critic_learning_rate=5e-4, kl_coef=0.2,
+                      sft_coef=0.2, sft_batch_size=8, filter_samples=4,
+                      filter_min_variance=1e-4, checkpoint_every=20, log_every=5)
+    config.dpo.update(num_samples=4, pair_margin=0.3, num_steps=150, batch_size=16,
+                      learning_rate=5e-5, beta=0.1, eval_every=150, checkpoint_every=150,
+                      log_every=25)
     return config

@@ -121,6 +121,14 @@ def default_config() -> ConfigDict:
         filter_samples=0, filter_min_variance=1e-3,
         checkpoint_every=10, keep_checkpoints=2, log_every=1,
         max_nonfinite_steps=10))
+    # The embedded pipeline (scripts/run_pipeline.py): the synthetic world's sizes and its
+    # annotators (glm_jax.pipeline.world.WorldConfig), and the length-balancing buckets of
+    # |len(chosen) - len(rejected)| tokens. The stages use the sections above.
+    config.pipeline = ConfigDict(dict(
+        num_sft=2000, num_capability_sft=240, num_preference_prompts=5000,
+        num_test_preference_prompts=300, num_rl_prompts=512, num_eval_prompts_per_task=48,
+        p_correct=0.55, p_verbose=0.35, quality_scale=8.0, length_bias=1.5, tie_margin=0.05,
+        p_tie=0.5, p_cycle=0.04, bucket_edges="1,2,4,8"))
     # Several processes (hosts) through JAX's multi-controller runtime. Empty
     # coordinator_address: detected on TPU pods, SLURM and Open MPI, or read from
     # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; a plain run is one process.

@@ -37,14 +37,9 @@ def separable_pairs(n, seed):
 
 
 def tiny_rm_config(tmp_path, **rm):
-    import importlib.util
-    from pathlib import Path
+    from glm_jax.config import default_config
 
-    spec = importlib.util.spec_from_file_location(
-        "tiny", Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = default_config()  # the schema's defaults, not the pipeline's tuned configs/tiny.py
     write_jsonl(tmp_path / "train.jsonl", separable_pairs(256, seed=0))
     write_jsonl(tmp_path / "test.jsonl", separable_pairs(64, seed=1))
     config.rm.train_file = str(tmp_path / "train.jsonl")

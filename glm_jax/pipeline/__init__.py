@@ -1,0 +1,1 @@
+"""The embedded ChatGLM-RLHF pipeline in miniature: a synthetic world, its stages and the report."""

@@ -1,0 +1,297 @@
+"""The whole ChatGLM-RLHF pipeline in miniature, stage by stage, in one work directory.
+
+world -> sft -> clean -> rm (+ rm_unbalanced) -> ppo (+ ppo_no_ref, ppo_no_sft) -> dpo
+-> evaluate -> report. Each stage is one of the library's programs (train_sft,
+train_reward_model, train_ppo, train_dpo) run on a config derived from the given one; the
+PPO stages compute their reference responses and prompt filter themselves (paper 3.4).
+A stage whose `WORKDIR/<stage>/stage.json` exists is skipped on a rerun; `force` redoes
+every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from glm_jax.config import validate_config
+from glm_jax.data.cleaning import (
+    balance_by_length,
+    drop_cycles,
+    drop_ties,
+    length_bias_by_bucket,
+    preference_stats,
+)
+from glm_jax.data.records import PreferencePair, read_jsonl, write_jsonl
+from glm_jax.data.tokenizer import Tokenizer
+from glm_jax.pipeline import report
+from glm_jax.pipeline.world import (
+    WorldConfig,
+    bayes_accuracy,
+    capability_correct,
+    gold_quality,
+    make_world,
+)
+
+POLICIES = ("sft", "ppo", "ppo_no_ref", "ppo_no_sft", "dpo")
+
+
+def world_config(config: ConfigDict) -> WorldConfig:
+    fields = {f: config.pipeline[f] for f in WorldConfig.__dataclass_fields__
+              if f in config.pipeline}
+    return WorldConfig(**{**fields, "seed": config.seed})
+
+
+def derive(config: ConfigDict, **updates: Any) -> ConfigDict:
+    """A copy of `config` with dotted-path updates, e.g. derive(c, **{"ppo.sft_coef": 0.0})."""
+    out = ConfigDict(config.to_dict())
+    for path, value in updates.items():
+        *sections, field = path.split(".")
+        target = out
+        for section in sections:
+            target = target[section]
+        target[field] = value
+    return out
+
+
+class Pipeline:
+    """The stages over one work directory; `run` executes the ones not done yet."""
+
+    def __init__(self, config: ConfigDict, workdir: str | Path, *, force: bool = False):
+        validate_config(config)
+        self.config, self.workdir, self.force = config, Path(workdir), force
+        self.data = self.workdir / "data"
+        self.results: dict[str, Any] = {}
+
+    def path(self, *parts: str) -> str:
+        return str(self.workdir.joinpath(*parts))
+
+    # --- stages ---------------------------------------------------------------------------
+
+    def world(self) -> dict[str, Any]:
+        world = make_world(world_config(self.config))
+        self.data.mkdir(parents=True, exist_ok=True)
+        files = {"sft": world.sft, "preferences_raw": world.preferences,
+                 "preferences_test_raw": world.test_preferences, "rl_prompts": world.rl_prompts,
+                 "eval_prompts": world.eval_prompts, "capability": world.capability}
+        for name, records in files.items():
+            write_jsonl(self.data / f"{name}.jsonl", records)
+        return {name: len(records) for name, records in files.items()}
+
+    def sft(self) -> dict[str, Any]:
+        from glm_jax.train.sft import train_sft
+
+        config = derive(self.config, **{"sft.train_file": str(self.data / "sft.jsonl"),
+                                        "sft.eval_file": ""})
+        return _numbers(train_sft(config, self.path("sft")))
+
+    def clean(self) -> dict[str, Any]:
+        tokenizer = Tokenizer.from_dir(self.path("sft", "hf"))
+        cache: dict[str, int] = {}
+
+        def length(text: str) -> int:
+            if text not in cache:
+                cache[text] = len(tokenizer.encode(text))
+            return cache[text]
+
+        edges = [int(x) for x in self.config.pipeline.bucket_edges.split(",")]
+        raw = _pairs(self.data / "preferences_raw.jsonl")
+        steps = [{"step": "raw", **preference_stats(raw, length)}]
+        no_ties = drop_ties(raw)
+        steps.append({"step": "drop_ties", **preference_stats(no_ties, length)})
+        consistent = drop_cycles(no_ties)
+        steps.append({"step": "drop_cycles", **preference_stats(consistent, length)})
+        balanced = balance_by_length(consistent, edges, self.config.seed, token_length=length)
+        steps.append({"step": "balance_by_length", **preference_stats(balanced, length)})
+        test = drop_cycles(drop_ties(_pairs(self.data / "preferences_test_raw.jsonl")))
+        write_jsonl(self.data / "preferences_balanced.jsonl", balanced)
+        write_jsonl(self.data / "preferences_unbalanced.jsonl", consistent)
+        write_jsonl(self.data / "preferences_test.jsonl", test)
+        return {"steps": steps,
+                "longer_wins_before": length_bias_by_bucket(consistent, edges, length),
+                "longer_wins_after": length_bias_by_bucket(balanced, edges, length),
+                "test_pairs": len(test),
+                "bayes_accuracy_test": bayes_accuracy(test, world_config(self.config)),
+                "bayes_accuracy_train": bayes_accuracy(consistent,
+                                                       world_config(self.config))}
+
+    def _reward_model(self, name: str, train_file: str) -> dict[str, Any]:
+        from glm_jax.train.reward import train_reward_model
+
+        config = derive(self.config, **{
+            "model.init_checkpoint": self.path("sft", "hf"),
+            "rm.train_file": str(self.data / train_file),
+            "rm.eval_file": str(self.data / "preferences_test.jsonl")})
+        last = train_reward_model(config, self.path(name))
+        return {"test": _numbers(last.pop("eval", {})), "train": self._rm_train_accuracy(
+            name, train_file), "last_step": _numbers(last)}
+
+    def _rm_train_accuracy(self, name: str, train_file: str) -> dict[str, Any]:
+        from glm_jax.models.heads import GlmRewardModel
+        from glm_jax.train.checkpoint import load_trained_model
+        from glm_jax.train.common import template_from_config
+        from glm_jax.train.reward import evaluate_pairs
+
+        model = load_trained_model(self.path(name), GlmRewardModel)
+        tokenizer = Tokenizer.from_dir(self.path(name))
+        return _numbers(evaluate_pairs(model, tokenizer, template_from_config(self.config),
+                                       _pairs(self.data / train_file), self.config))
+
+    def rm(self) -> dict[str, Any]:
+        return self._reward_model("rm", "preferences_balanced.jsonl")
+
+    def rm_unbalanced(self) -> dict[str, Any]:
+        return self._reward_model("rm_unbalanced", "preferences_unbalanced.jsonl")
+
+    def _ppo(self, name: str, **updates: Any) -> dict[str, Any]:
+        from glm_jax.train.ppo import train_ppo
+
+        config = derive(self.config, **{
+            "model.init_checkpoint": self.path("sft", "hf"),
+            "ppo.prompt_file": str(self.data / "rl_prompts.jsonl"),
+            "ppo.reward_model": self.path("rm"),
+            "ppo.sft_file": str(self.data / "sft.jsonl"), **updates})
+        last = train_ppo(config, self.path(name))
+        return {"last_step": _numbers(last), "prompts": last.get("prompts")}
+
+    def ppo(self) -> dict[str, Any]:
+        return self._ppo("ppo")
+
+    def ppo_no_ref(self) -> dict[str, Any]:
+        return self._ppo("ppo_no_ref", **{"ppo.reference_reward": False})
+
+    def ppo_no_sft(self) -> dict[str, Any]:
+        return self._ppo("ppo_no_sft", **{"ppo.sft_coef": 0.0})
+
+    def dpo(self) -> dict[str, Any]:
+        from glm_jax.train.dpo import train_dpo
+
+        config = derive(self.config, **{
+            "model.init_checkpoint": self.path("sft", "hf"), "dpo.mode": "reward_pairs",
+            "dpo.prompt_file": str(self.data / "rl_prompts.jsonl"),
+            "dpo.reward_model": self.path("rm"),
+            "dpo.eval_file": str(self.data / "preferences_test.jsonl")})
+        last = train_dpo(config, self.path("dpo"))
+        return {"last_step": _numbers({k: v for k, v in last.items() if k != "eval"}),
+                "eval": _numbers(last.get("eval", {}))}
+
+    def evaluate(self) -> dict[str, Any]:
+        """Greedy responses of every policy to the held-out prompts and the capability set,
+        their gold quality, lengths and reward-model scores."""
+        import glm_jax
+        from glm_jax.data.records import SFTExample
+        from glm_jax.generation import generate_text
+        from glm_jax.models.heads import GlmRewardModel
+        from glm_jax.train.checkpoint import load_trained_model
+        from glm_jax.train.common import template_from_config
+        from glm_jax.train.reward import score_responses
+
+        prompts, _ = read_jsonl(self.data / "eval_prompts.jsonl", "prompt")
+        capability, _ = read_jsonl(self.data / "capability.jsonl", "sft")
+        template = template_from_config(self.config)
+        reward_model = load_trained_model(self.path("rm"), GlmRewardModel)
+        out: dict[str, Any] = {}
+        for name in tqdm(POLICIES, desc="evaluating policies", unit="policy", leave=False):
+            hf = self.path(name, "hf")
+            model, tokenizer = glm_jax.from_pretrained(hf), Tokenizer.from_dir(hf)
+            limit = self.config.data.max_response_tokens
+            texts = generate_text(model, tokenizer, [p.prompt for p in prompts],
+                                  template=template, max_new_tokens=limit, temperature=0.0)
+            answers = generate_text(model, tokenizer, [c.prompt for c in capability],
+                                    template=template, max_new_tokens=limit, temperature=0.0)
+            scored = score_responses(
+                reward_model, tokenizer, template,
+                [SFTExample(p.prompt, t or " ", task=p.task) for p, t in zip(prompts, texts,
+                                                                          strict=True)],
+                self.config)
+            rows = [{"prompt": p.prompt, "task": p.task, "response": t,
+                     "gold": gold_quality(p.prompt, t), "tokens": len(tokenizer.encode(t)),
+                     "reward": float(r)}
+                    for p, t, r in zip(prompts, texts, scored["score"], strict=True)]
+            (self.workdir / "evaluate").mkdir(parents=True, exist_ok=True)
+            write_jsonl(self.workdir / "evaluate" / f"{name}.jsonl", rows)
+            out[name] = {"rows": rows, "capability": [
+                {"prompt": c.prompt, "expected": c.response, "response": a,
+                 "correct": capability_correct(c, a)} for c, a in zip(capability, answers,
+                                                                      strict=True)]}
+        return out
+
+    def report(self) -> dict[str, Any]:
+        return report.write_report(self.workdir, self.results, self.config)
+
+    # --- driver ---------------------------------------------------------------------------
+
+    STAGES = ("world", "sft", "clean", "rm", "rm_unbalanced", "ppo", "ppo_no_ref",
+              "ppo_no_sft", "dpo", "evaluate", "report")
+
+    def run(self) -> dict[str, Any]:
+        if self.force:
+            for stage in self.STAGES:
+                shutil.rmtree(self.workdir / stage, ignore_errors=True)
+            shutil.rmtree(self.data, ignore_errors=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
+        started = time.time()
+        timings = {}
+        bar = tqdm(self.STAGES, desc="pipeline", unit="stage")
+        for stage in bar:
+            bar.set_postfix_str(stage)
+            marker = self.workdir / stage / "stage.json"
+            if marker.exists():
+                self.results[stage] = json.loads(marker.read_text())
+                print(f"[pipeline] {stage}: done before, skipped ({marker}; --force redoes it)")
+                continue
+            print(f"\n[pipeline] {stage}: running", flush=True)
+            began = time.time()
+            stage_fn: Callable[[], dict[str, Any]] = getattr(self, stage)
+            result = stage_fn()
+            timings[stage] = time.time() - began
+            self.results[stage] = result
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_name(".stage.json.tmp")
+            tmp.write_text(json.dumps(result, indent=1, default=_json_default))
+            tmp.replace(marker)
+            print(f"[pipeline] {stage}: done in {timings[stage]:.0f} s", flush=True)
+        summary = self.results["report"]
+        print(f"\n[pipeline] finished in {time.time() - started:.0f} s. Outputs in "
+              f"{self.workdir}:\n  report: {summary['markdown']}\n  data: {self.data}\n"
+              + "".join(f"  {name}: {self.workdir / name}\n" for name in
+                        ("sft", "rm", "rm_unbalanced", *POLICIES[1:])))
+        return summary
+
+
+def _pairs(path: Path) -> list[PreferencePair]:
+    return read_jsonl(path, "preference")[0]
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able part of a metrics dict (numbers and nested dicts of them)."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out[key] = _numbers(value)
+        elif isinstance(value, int | float | np.number) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "__dict__"):
+        return {k: v for k, v in vars(value).items() if not k.startswith("_")}
+    return str(value)
+
+
+def run_pipeline(config: ConfigDict, workdir: str | Path, *, force: bool = False
+                 ) -> dict[str, Any]:
+    """Runs every stage not done yet in `workdir` and writes the report; returns its summary
+    (paths of the Markdown / JSON / PNG files and the findings)."""
+    return Pipeline(config, workdir, force=force).run()

@@ -1,0 +1,101 @@
+"""The synthetic world: gold quality against hand-graded responses, determinism, held-out
+sets, and annotators whose ties, cycles and length bias the cleaning has to deal with."""
+
+import math
+
+import numpy as np
+import pytest
+
+from glm_jax.data.cleaning import drop_cycles, drop_ties
+from glm_jax.pipeline.world import (
+    TASKS,
+    WorldConfig,
+    bayes_accuracy,
+    capability_correct,
+    capability_examples,
+    correct_answer,
+    gold_quality,
+    make_world,
+    preference_probability,
+    task_of,
+)
+
+
+@pytest.mark.parametrize("prompt,response,gold", [
+    ("add 3 and 4", "7", 1.0),
+    ("add 3 and 4", "the answer is 7", 0.8),  # right, with filler
+    ("add 3 and 4", "8", 0.8 * 0.75 + 0.2),  # off by one: 1 - 1/4
+    ("add 3 and 4", "9 ok", 0.8 * 0.5),
+    ("add 3 and 4", "seven", 0.0),
+    ("sort: d b a", "a b d", 1.0),
+    ("sort: d b a", "a d b", 0.8 * (0.5 + 0.5 * 0.5) + 0.2),  # one of two steps in order
+    ("sort: d b a", "a b", 0.8 * (0.5 * 2 / 3 + 0.5)),  # a letter dropped: not concise
+    ("copy in capitals: bat", "BAT", 1.0),
+    ("copy in capitals: bat", "BaT", 0.8 * 2 / 3 + 0.2),
+    ("is 6 even? answer yes or no", "yes", 1.0),
+    ("is 6 even? answer yes or no", "i think yes", 0.8),
+    ("is 7 even? answer yes or no", "yes", 0.0),
+    ("is 7 even? answer yes or no", "yes no", 0.0),  # both answers: no credit
+])
+def test_gold_quality_by_hand(prompt, response, gold):
+    assert gold_quality(prompt, response) == pytest.approx(gold)
+
+
+def test_tasks_and_answers():
+    assert [task_of(p) for p in ("add 1 and 2", "sort: b a", "copy in capitals: kem",
+                                 "is 10 even? answer yes or no")] == list(TASKS)
+    assert correct_answer("sort: h c e") == "c e h" and correct_answer("add 39 and 39") == "78"
+    with pytest.raises(ValueError, match="not a prompt of the synthetic tasks"):
+        task_of("tell me a joke")
+    identity = capability_examples()[0]
+    assert capability_correct(identity, " " + identity.response + " ")
+    assert not capability_correct(identity, "I am a model.")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(WorldConfig())
+
+
+def test_world_is_deterministic_and_held_out(world):
+    again = make_world(WorldConfig())
+    assert again.sft == world.sft and again.preferences == world.preferences
+    assert make_world(WorldConfig(seed=1)).sft != world.sft
+    eval_prompts = {e.prompt for e in world.eval_prompts}
+    seen = ({e.prompt for e in world.sft} | {p.prompt for p in world.preferences}
+            | {p.prompt for p in world.test_preferences} | {e.prompt for e in world.rl_prompts})
+    assert not eval_prompts & seen
+    assert {e.task for e in world.eval_prompts} == set(TASKS)
+    # The capability set is in the SFT data and nowhere else.
+    capability = {e.prompt for e in world.capability}
+    assert capability <= {e.prompt for e in world.sft}
+    assert not capability & ({e.prompt for e in world.rl_prompts} | eval_prompts)
+
+
+def test_demonstrations_are_imperfect(world):
+    gold = [gold_quality(e.prompt, e.response) for e in world.sft if e.task in TASKS]
+    assert 0.5 < np.mean(gold) < 0.9 and np.mean(np.array(gold) == 1.0) < 0.7
+
+
+def test_annotators_are_noisy_biased_and_inconsistent(world):
+    config = WorldConfig()
+    pairs = world.preferences
+    assert sum(p.tie for p in pairs) > 20
+    assert len(drop_cycles(drop_ties(pairs))) < len(drop_ties(pairs))  # cycles to remove
+    judged = [p for p in pairs if not p.tie]
+    longer = [len(p.chosen.split()) > len(p.rejected.split()) for p in judged
+              if len(p.chosen.split()) != len(p.rejected.split())]
+    assert np.mean(longer) > 0.55  # the length bias shows in the raw data
+    better = [gold_quality(p.prompt, p.chosen) > gold_quality(p.prompt, p.rejected)
+              for p in judged if gold_quality(p.prompt, p.chosen)
+              != gold_quality(p.prompt, p.rejected)]
+    assert 0.6 < np.mean(better) < 0.95  # quality shows, through noise
+    ceiling = bayes_accuracy(drop_ties(world.test_preferences), config)
+    assert 0.6 < ceiling < 0.95
+
+
+def test_preference_probability_is_the_annotator_model():
+    config = WorldConfig(quality_scale=6.0, length_bias=1.0)
+    p = preference_probability("add 3 and 4", "7 ok", "7", config)
+    assert p == pytest.approx(1 / (1 + math.exp(-(6.0 * (0.8 - 1.0) + 1.0))))
+    assert p + preference_probability("add 3 and 4", "7", "7 ok", config) == pytest.approx(1.0)
