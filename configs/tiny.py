@@ -16,6 +16,11 @@ def get_config(mesh: str = "") -> ConfigDict:
     config = default_config()
     if mesh:
         config.mesh = mesh_preset(mesh)
+    # The model's shape (glm_jax.models.tiny.tiny_config fields), listed so the command line
+    # can change it: --config.model.tiny.hidden_size=128.
+    config.model.tiny = ConfigDict(dict(hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=16))
     # The synthetic tasks' prompts are under 32 tokens with the chat template and their
     # answers a few tokens (filler included).
     config.data.update(max_prompt_tokens=32, max_response_tokens=12)

@@ -130,3 +130,23 @@ def test_missing_train_file_is_a_clear_error(tmp_path):
     config.rm.train_file = ""
     with pytest.raises(ValueError, match="config.rm.train_file is empty"):
         train_reward_model(config, tmp_path / "w")
+
+
+def test_summary_of_scores_by_hand():
+    from glm_jax.train.reward import PairScores, summarize_scores
+
+    scores = PairScores(
+        chosen=np.array([2.0, 0.5, 1.0, 3.0], np.float32),
+        rejected=np.array([1.0, 1.5, 1.0, 0.0], np.float32),
+        chosen_length=np.array([10, 8, 6, 7]), rejected_length=np.array([8, 9, 6, 7]),
+        task_index=np.array([0, 0, 1, 1]))
+    summary = summarize_scores(scores, ["a", "b"])
+    assert summary["accuracy"] == 0.5 and summary["margin"] == pytest.approx(0.75)
+    # Pairs 0 and 1 differ in length: the longer scores higher in pair 0 (10 > 8, 2 > 1)
+    # and in pair 1 (9 > 8, 1.5 > 0.5); pairs 2 and 3 have equal lengths.
+    assert summary["longer_preferred"] == 1.0
+    all_scores = np.array([2.0, 0.5, 1.0, 3.0, 1.0, 1.5, 1.0, 0.0])
+    lengths = np.array([10, 8, 6, 7, 8, 9, 6, 7])
+    assert summary["length_correlation"] == pytest.approx(np.corrcoef(all_scores, lengths)[0, 1])
+    assert summary["per_task"]["a"]["longer_preferred"] == 1.0
+    assert np.isnan(summary["per_task"]["b"]["longer_preferred"])

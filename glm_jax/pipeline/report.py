@@ -109,10 +109,11 @@ def write_report(workdir: str | Path, results: dict[str, Any], config: ConfigDic
     data["reward_model"] = {
         name: {"train_accuracy": results[name]["train"]["accuracy"],
                "test_accuracy": results[name]["test"]["accuracy"],
-               "length_correlation": results[name]["test"]["length_correlation"]}
+               "longer_preferred": results[name]["test"]["longer_preferred"]}
         for name in ("rm", "rm_unbalanced")}
     data["bayes_accuracy"] = {"test": clean["bayes_accuracy_test"],
                               "train": clean["bayes_accuracy_train"]}
+    data["annotators_longer_wins"] = clean["test_longer_wins"]
 
     # Table 4, Table 6, capability.
     data["win_tie_loss"] = {
@@ -156,11 +157,11 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
     def claim(text: str, measured: str, held: bool) -> None:
         out.append({"claim": text, "measured": measured, "reproduced": bool(held)})
 
-    balanced, unbalanced = rm["rm"]["length_correlation"], rm["rm_unbalanced"]["length_correlation"]
+    balanced, unbalanced = rm["rm"]["longer_preferred"], rm["rm_unbalanced"]["longer_preferred"]
     claim("Bucket-based length balancing lowers the reward model's preference for longer "
           "responses (3.3)",
-          f"reward-length correlation on test pairs {balanced:+.3f} balanced vs "
-          f"{unbalanced:+.3f} unbalanced", balanced < unbalanced)
+          f"the longer response of a test pair scores higher in {balanced:.3f} of pairs with "
+          f"balancing, {unbalanced:.3f} without", balanced < unbalanced)
     for name in ("ppo", "dpo"):
         w = wtl[name]["all"]
         claim(f"{LABELS[name]} beats SFT on response quality (Table 4)",
@@ -217,13 +218,16 @@ def render_markdown(data: dict[str, Any]) -> str:
                        b["count_after"], b["longer_wins_after"]] for b in data["longer_wins"]])]
     parts += ["## Reward model accuracy (Table 5)",
               _table(["reward model", "train accuracy", "test accuracy",
-                      "Bayes-optimal test accuracy", "reward-length correlation (test)"],
+                      "Bayes-optimal test accuracy", "longer response scores higher (test)"],
                      [[name, rm[key]["train_accuracy"], rm[key]["test_accuracy"],
-                       bayes["test"], rm[key]["length_correlation"]]
+                       bayes["test"], rm[key]["longer_preferred"]]
                       for key, name in (("rm", "length-balanced"),
                                         ("rm_unbalanced", "without balancing"))]),
               "The Bayes-optimal accuracy is that of a predictor that knows the annotators' "
-              "noise and length bias: no reward model can expect more."]
+              "noise and length bias: no reward model can expect more. The last column is, "
+              "of the test pairs whose responses differ in length, the fraction where the "
+              "reward model scores the longer one higher (the annotators chose the longer "
+              f"one in {data['annotators_longer_wins']:.3f} of them)."]
     wtl = data["win_tie_loss"]
     rows = []
     for name in RL_POLICIES:

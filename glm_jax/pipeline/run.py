@@ -118,6 +118,7 @@ class Pipeline:
                 "longer_wins_before": length_bias_by_bucket(consistent, edges, length),
                 "longer_wins_after": length_bias_by_bucket(balanced, edges, length),
                 "test_pairs": len(test),
+                "test_longer_wins": _longer_wins(test, length),
                 "bayes_accuracy_test": bayes_accuracy(test, world_config(self.config)),
                 "bayes_accuracy_train": bayes_accuracy(consistent,
                                                        world_config(self.config))}
@@ -130,10 +131,12 @@ class Pipeline:
             "rm.train_file": str(self.data / train_file),
             "rm.eval_file": str(self.data / "preferences_test.jsonl")})
         last = train_reward_model(config, self.path(name))
-        return {"test": _numbers(last.pop("eval", {})), "train": self._rm_train_accuracy(
-            name, train_file), "last_step": _numbers(last)}
+        return {"train": self._rm_summary(name, train_file),
+                "test": self._rm_summary(name, "preferences_test.jsonl"),
+                "last_step": _numbers({k: v for k, v in last.items() if k != "eval"})}
 
-    def _rm_train_accuracy(self, name: str, train_file: str) -> dict[str, Any]:
+    def _rm_summary(self, name: str, pairs_file: str) -> dict[str, Any]:
+        """Accuracy, length preference, ... of the trained reward model `name` on a file."""
         from glm_jax.models.heads import GlmRewardModel
         from glm_jax.train.checkpoint import load_trained_model
         from glm_jax.train.common import template_from_config
@@ -142,7 +145,7 @@ class Pipeline:
         model = load_trained_model(self.path(name), GlmRewardModel)
         tokenizer = Tokenizer.from_dir(self.path(name))
         return _numbers(evaluate_pairs(model, tokenizer, template_from_config(self.config),
-                                       _pairs(self.data / train_file), self.config))
+                                       _pairs(self.data / pairs_file), self.config))
 
     def rm(self) -> dict[str, Any]:
         return self._reward_model("rm", "preferences_balanced.jsonl")
@@ -265,6 +268,13 @@ class Pipeline:
               + "".join(f"  {name}: {self.workdir / name}\n" for name in
                         ("sft", "rm", "rm_unbalanced", *POLICIES[1:])))
         return summary
+
+
+def _longer_wins(pairs: list[PreferencePair], length: Callable[[str], int]) -> float:
+    """Of the pairs whose responses differ in length, the fraction where the longer won."""
+    wins = [length(p.chosen) > length(p.rejected) for p in pairs
+            if length(p.chosen) != length(p.rejected)]
+    return float(np.mean(wins)) if wins else float("nan")
 
 
 def _pairs(path: Path) -> list[PreferencePair]:

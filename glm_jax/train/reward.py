@@ -127,8 +127,11 @@ def score_pairs(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], m
 
 def summarize_scores(scores: PairScores, task_names: list[str] | None = None
                      ) -> dict[str, Any]:
-    """Pairwise accuracy, margin, score mean/std, score-length correlation; overall and per
-    task (`task_names[i]` names task index i)."""
+    """Pairwise accuracy, margin, score mean/std, score-length correlation (over all scored
+    sequences, so it also reflects prompt and task lengths) and `longer_preferred` (of the
+    pairs whose responses differ in length, the fraction where the longer one scores
+    higher: the length bias of the paper's 3.3); overall and per task (`task_names[i]` names
+    task index i)."""
 
     def summary(sel: np.ndarray) -> dict[str, float]:
         chosen, rejected = scores.chosen[sel], scores.rejected[sel]
@@ -137,10 +140,16 @@ def summarize_scores(scores: PairScores, task_names: list[str] | None = None
         corr = (float(np.corrcoef(all_scores, lengths)[0, 1])
                 if len(all_scores) > 2 and all_scores.std() > 0 and lengths.std() > 0
                 else float("nan"))
+        # Within a pair the prompt is shared: the longer sequence has the longer response.
+        length_diff = scores.chosen_length[sel] - scores.rejected_length[sel]
+        unequal = length_diff != 0
+        longer_scores_higher = np.where(length_diff > 0, chosen > rejected, rejected > chosen)
         return {"pairs": int(sel.sum()), "accuracy": float(np.mean(chosen > rejected)),
                 "margin": float(np.mean(chosen - rejected)),
                 "score_mean": float(all_scores.mean()), "score_std": float(all_scores.std()),
-                "length_correlation": corr}
+                "length_correlation": corr,
+                "longer_preferred": (float(np.mean(longer_scores_higher[unequal]))
+                                     if unequal.any() else float("nan"))}
 
     everything = np.ones(len(scores.chosen), bool)
     result: dict[str, Any] = summary(everything) if len(everything) else {"pairs": 0}
