@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from glm_jax.data import (
     length_bias_by_bucket,
     preference_stats,
     read_jsonl,
+    tokenizer_length,
     write_jsonl,
 )
 
@@ -49,18 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _token_length(tokenizer_dir: Path) -> Callable[[str], int]:
-    tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    cache: dict[str, int] = {}  # shared by all steps: each text is tokenized once
-
-    def token_length(text: str) -> int:
-        if text not in cache:
-            cache[text] = len(tokenizer.encode(text))
-        return cache[text]
-
-    return token_length
-
-
 def _bias_table(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict]:
     return [{"bucket": b["bucket"], "count_before": b["count"],
              "longer_wins_before": b["longer_wins"], "count_after": a["count"],
@@ -75,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError:
         raise SystemExit(f"--bucket-edges: expected comma-separated integers, "
                          f"got {args.bucket_edges!r}") from None
-    token_length = None if args.tokenizer is None else _token_length(args.tokenizer)
+    token_length = (None if args.tokenizer is None
+                    else tokenizer_length(Tokenizer.from_dir(args.tokenizer)))
     pairs, report = read_jsonl(args.input, "preference", on_error=args.on_error)
     print(f"read {report.num_read} pairs from {args.input}"
           + (f", skipped {report.num_skipped} bad line(s) (first: {report.first_skipped_lines}; "

@@ -20,12 +20,11 @@ from glm_jax.train.loop import batch_sharding, to_device
 from glm_jax.train.ppo import (
     PPOProgram,
     PPOSettings,
-    copy_params,
     init_ppo_state,
     token_rewards,
 )
 from glm_jax.train.rollout import SamplingSettings, encode_prompts, sequence
-from glm_jax.train.state import make_optimizer, shardings_of
+from glm_jax.train.state import copy_params, make_optimizer, shardings_of
 
 PROMPT_TOKENS, RESPONSE_TOKENS = 16, 8
 # One configuration for most tests, so its program compiles once per mesh: adaptive KL

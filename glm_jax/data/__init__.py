@@ -7,6 +7,7 @@ from glm_jax.data.cleaning import (
     format_table,
     length_bias_by_bucket,
     preference_stats,
+    tokenizer_length,
 )
 from glm_jax.data.pipeline import (
     PreferenceDataset,
@@ -59,5 +60,6 @@ __all__ = [
     "read_jsonl",
     "tokenize_pair",
     "tokenize_record",
+    "tokenizer_length",
     "write_jsonl",
 ]

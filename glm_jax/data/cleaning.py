@@ -30,6 +30,12 @@ def default_token_length(text: str) -> int:
     return len(_default_tokenizer.encode(text))
 
 
+def tokenizer_length(tokenizer: Tokenizer) -> TokenLength:
+    """Token count of a text under `tokenizer`, each distinct text tokenized once: one
+    function to share across all the cleaning steps of a run."""
+    return _memoized(lambda text: len(tokenizer.encode(text)))
+
+
 def _memoized(token_length: TokenLength | None) -> TokenLength:
     # Responses recur across pairs of one prompt; tokenize each text once per call.
     fn = token_length or default_token_length

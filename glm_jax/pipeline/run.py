@@ -28,6 +28,7 @@ from glm_jax.data.cleaning import (
     drop_ties,
     length_bias_by_bucket,
     preference_stats,
+    tokenizer_length,
 )
 from glm_jax.data.records import PreferencePair, read_jsonl, write_jsonl
 from glm_jax.data.tokenizer import Tokenizer
@@ -93,14 +94,7 @@ class Pipeline:
         return _numbers(train_sft(config, self.path("sft")))
 
     def clean(self) -> dict[str, Any]:
-        tokenizer = Tokenizer.from_dir(self.path("sft", "hf"))
-        cache: dict[str, int] = {}
-
-        def length(text: str) -> int:
-            if text not in cache:
-                cache[text] = len(tokenizer.encode(text))
-            return cache[text]
-
+        length = tokenizer_length(Tokenizer.from_dir(self.path("sft", "hf")))
         edges = [int(x) for x in self.config.pipeline.bucket_edges.split(",")]
         raw = _pairs(self.data / "preferences_raw.jsonl")
         steps = [{"step": "raw", **preference_stats(raw, length)}]
@@ -114,11 +108,15 @@ class Pipeline:
         write_jsonl(self.data / "preferences_balanced.jsonl", balanced)
         write_jsonl(self.data / "preferences_unbalanced.jsonl", consistent)
         write_jsonl(self.data / "preferences_test.jsonl", test)
+        test_buckets = length_bias_by_bucket(test, edges, length)
+        unequal = sum(b["count"] for b in test_buckets)  # every pair of unequal lengths
         return {"steps": steps,
                 "longer_wins_before": length_bias_by_bucket(consistent, edges, length),
                 "longer_wins_after": length_bias_by_bucket(balanced, edges, length),
                 "test_pairs": len(test),
-                "test_longer_wins": _longer_wins(test, length),
+                "test_longer_wins": (sum(b["count"] * b["longer_wins"] for b in test_buckets
+                                         if b["count"]) / unequal
+                                     if unequal else float("nan")),
                 "bayes_accuracy_test": bayes_accuracy(test, world_config(self.config)),
                 "bayes_accuracy_train": bayes_accuracy(consistent,
                                                        world_config(self.config))}
@@ -131,12 +129,12 @@ class Pipeline:
             "rm.train_file": str(self.data / train_file),
             "rm.eval_file": str(self.data / "preferences_test.jsonl")})
         last = train_reward_model(config, self.path(name))
-        return {"train": self._rm_summary(name, train_file),
-                "test": self._rm_summary(name, "preferences_test.jsonl"),
+        train, test = self._rm_summaries(name, (train_file, "preferences_test.jsonl"))
+        return {"train": train, "test": test,
                 "last_step": _numbers({k: v for k, v in last.items() if k != "eval"})}
 
-    def _rm_summary(self, name: str, pairs_file: str) -> dict[str, Any]:
-        """Accuracy, length preference, ... of the trained reward model `name` on a file."""
+    def _rm_summaries(self, name: str, pairs_files: tuple[str, ...]) -> list[dict[str, Any]]:
+        """Accuracy, length preference, ... of the trained reward model `name` on each file."""
         from glm_jax.models.heads import GlmRewardModel
         from glm_jax.train.checkpoint import load_trained_model
         from glm_jax.train.common import template_from_config
@@ -144,8 +142,9 @@ class Pipeline:
 
         model = load_trained_model(self.path(name), GlmRewardModel)
         tokenizer = Tokenizer.from_dir(self.path(name))
-        return _numbers(evaluate_pairs(model, tokenizer, template_from_config(self.config),
-                                       _pairs(self.data / pairs_file), self.config))
+        template = template_from_config(self.config)
+        return [_numbers(evaluate_pairs(model, tokenizer, template, _pairs(self.data / f),
+                                        self.config)) for f in pairs_files]
 
     def rm(self) -> dict[str, Any]:
         return self._reward_model("rm", "preferences_balanced.jsonl")
@@ -268,13 +267,6 @@ class Pipeline:
               + "".join(f"  {name}: {self.workdir / name}\n" for name in
                         ("sft", "rm", "rm_unbalanced", *POLICIES[1:])))
         return summary
-
-
-def _longer_wins(pairs: list[PreferencePair], length: Callable[[str], int]) -> float:
-    """Of the pairs whose responses differ in length, the fraction where the longer won."""
-    wins = [length(p.chosen) > length(p.rejected) for p in pairs
-            if length(p.chosen) != length(p.rejected)]
-    return float(np.mean(wins)) if wins else float("nan")
 
 
 def _pairs(path: Path) -> list[PreferencePair]:

@@ -69,6 +69,7 @@ from glm_jax.train.rollout import (
 )
 from glm_jax.train.state import (
     TrainState,
+    copy_params,
     init_train_state,
     optimizer_from_config,
     shardings_of,
@@ -540,10 +541,7 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
               f"{dpo.num_samples} responses to each of {dpo.batch_size}")
         batches = iter(PromptDataset(ids, mask, batch_size=dpo.batch_size, seed=config.seed,
                                      **process))
-        # A copy: the train state's buffers are donated at every step, the reference's
-        # must outlive them.
-        reference_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                                   out_shardings=shardings_of(initial_params))(initial_params)
+        reference_params = copy_params(initial_params)
         sampling = SamplingSettings.from_config(dpo, tokenizer, data.max_response_tokens)
 
         def make_step(shardings):

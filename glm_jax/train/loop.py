@@ -150,7 +150,7 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
     device) is known, `mfu`.
     Returns the final state and the last step's metrics.
     """
-    step_fn, shardings, cost = None, None, None
+    step_fn, shardings = None, None
     last: dict[str, Any] = {}
     skipped_in_a_row = 0
     start = int(state.step)
@@ -158,23 +158,23 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
         for step in tqdm(range(start, num_steps), initial=start, total=num_steps, desc=desc,
                          unit="step", disable=not is_main_process()):
             batch = {k: v for k, v in next(batches).items() if k not in _HOST_ONLY}
-            tokens = (tokens_per_step if tokens_per_step is not None
-                      else batch_tokens(batch) * jax.process_count())
-            if shardings is None:
+            if shardings is None:  # every batch has the first one's shapes
                 shardings = batch_sharding(mesh, batch, jax.process_count())
             device_batch = to_device(batch, shardings)
             if step_fn is None:
                 with jax.set_mesh(mesh):
                     step_fn, cost = compile_step(make_step(shardings), state, device_batch,
                                                  desc)
+                if tokens_per_step is None:
+                    tokens_per_step = batch_tokens(batch) * jax.process_count()
+                if flops_per_step is None:
+                    flops_per_step = cost.flops * mesh.size if cost else 0.0
             began = time.perf_counter()
             with jax.set_mesh(mesh):
                 state, metrics = step_fn(state, device_batch)
             last = {k: float(v) for k, v in metrics.items()}  # waits for the step
-            elapsed = time.perf_counter() - began
-            flops = (flops_per_step if flops_per_step is not None
-                     else cost.flops * mesh.size if cost else 0.0)
-            last |= throughput(elapsed, tokens, flops, peak_flops, mesh.size)
+            last |= throughput(time.perf_counter() - began, tokens_per_step, flops_per_step,
+                               peak_flops, mesh.size)
             done = step + 1
             skipped_in_a_row = skipped_in_a_row + 1 if last.get("skipped_nonfinite") else 0
             if skipped_in_a_row > max_nonfinite_steps:

@@ -78,7 +78,7 @@ from glm_jax.train.prompts import (
 )
 from glm_jax.train.rollout import SamplingSettings, encode_prompts, sample_prompts, sequence
 from glm_jax.train.sft import sft_batch_loss
-from glm_jax.train.state import make_optimizer, shardings_of
+from glm_jax.train.state import copy_params, make_optimizer, shardings_of
 
 Params = Any
 
@@ -438,12 +438,6 @@ def init_ppo_state(policy: GlmForCausalLM, critic: GlmValueModel,
                      critic_opt_state=jax.jit(critic_tx.init)(critic_params),
                      kl_coef=jnp.asarray(kl_coef, jnp.float32))
     return policy_graphdef, critic_graphdef, state
-
-
-def copy_params(params: Params) -> Params:
-    """A separate copy (same shardings) of `params`: the frozen reference must survive the
-    donation of the policy's buffers."""
-    return jax.tree.map(jnp.copy, params)
 
 
 def _policy_source(config: ConfigDict) -> Any:

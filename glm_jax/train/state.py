@@ -44,6 +44,12 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation
                                 opt_state=opt_state)
 
 
+def copy_params(params: Any) -> Any:
+    """A separate copy (same shardings) of `params`: a frozen reference must survive the
+    donation of the trained parameters' buffers at every step."""
+    return jax.tree.map(jnp.copy, params)
+
+
 def shardings_of(tree: Any) -> Any:
     """The sharding of every array in `tree` (to pin a step's outputs to its inputs')."""
     return jax.tree.map(lambda x: x.sharding, tree)
