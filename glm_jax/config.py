@@ -15,6 +15,8 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from glm_jax.pipeline.world import WorldConfig
+
 # Mesh axis sizes for common machines (`data`, `fsdp`, `tensor`; -1 takes the remaining
 # devices). Training programs shard parameters over fsdp x tensor and the batch over
 # data x fsdp; PPO's generation favours tensor over fsdp (no all-gathers per decode step).
@@ -122,13 +124,11 @@ def default_config() -> ConfigDict:
         checkpoint_every=10, keep_checkpoints=2, log_every=1,
         max_nonfinite_steps=10))
     # The embedded pipeline (scripts/run_pipeline.py): the synthetic world's sizes and its
-    # annotators (glm_jax.pipeline.world.WorldConfig), and the length-balancing buckets of
-    # |len(chosen) - len(rejected)| tokens. The stages use the sections above.
-    config.pipeline = ConfigDict(dict(
-        num_sft=2000, num_capability_sft=240, num_preference_prompts=5000,
-        num_test_preference_prompts=300, num_rl_prompts=512, num_eval_prompts_per_task=48,
-        p_correct=0.55, p_verbose=0.35, quality_scale=8.0, length_bias=1.5, tie_margin=0.05,
-        p_tie=0.5, p_cycle=0.04, bucket_edges="1,2,4,8"))
+    # annotators (every field of glm_jax.pipeline.world.WorldConfig but its seed, which is
+    # config.seed, with the defaults and meanings given there), and the length-balancing
+    # buckets of |len(chosen) - len(rejected)| tokens. The stages use the sections above.
+    world = {k: v for k, v in dataclasses.asdict(WorldConfig()).items() if k != "seed"}
+    config.pipeline = ConfigDict(dict(**world, bucket_edges="1,2,4,8"))
     # Several processes (hosts) through JAX's multi-controller runtime. Empty
     # coordinator_address: detected on TPU pods, SLURM and Open MPI, or read from
     # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; a plain run is one process.
