@@ -75,14 +75,11 @@ def trainable(samples: ScoredSamples, texts: list[list[str]], tokenizer: Tokeniz
     the sampled tokens (EOS aside). The SFT phase trains on the re-encoded text, so a sample
     that fails this is not what the reward model scored (non-canonical BPE splits, special
     tokens that decoding drops); a blank response is not a valid SFT example."""
-    eos = np.asarray(tokenizer.eos_token_ids)
-    ok = np.zeros(samples.rewards.shape, bool)
-    for i, (rows, masks) in enumerate(zip(samples.tokens, samples.response_mask, strict=True)):
-        for j, (row, keep) in enumerate(zip(rows, masks, strict=True)):
-            text = texts[i][j]
-            tokens = row[keep & ~np.isin(row, eos)].tolist()
-            ok[i, j] = bool(text.strip()) and tokenizer.encode(text) == tokens
-    return ok
+    return np.array([[bool(text.strip()) and tokenizer.encode(text) == ids
+                       for text, ids in zip(text_row, id_row, strict=True)]
+                      for text_row, id_row in zip(texts, samples.response_ids(tokenizer),
+                                                  strict=True)], bool
+                     ).reshape(samples.rewards.shape)
 
 
 def parse_min_reward(value: Any) -> float | None:

@@ -110,12 +110,16 @@ class ScoredSamples:
     ended_with_eos: np.ndarray
     rewards: np.ndarray
 
-    def texts(self, tokenizer: Tokenizer) -> list[list[str]]:
-        """Each response decoded, without its EOS: `[n][num_samples]`."""
+    def response_ids(self, tokenizer: Tokenizer) -> list[list[list[int]]]:
+        """Each response's token ids without its EOS: `[n][num_samples]` lists."""
         eos = np.asarray(tokenizer.eos_token_ids)
-        return [[tokenizer.decode(row[keep & ~np.isin(row, eos)].tolist())
+        return [[row[keep & ~np.isin(row, eos)].tolist()
                  for row, keep in zip(rows, masks, strict=True)]
                 for rows, masks in zip(self.tokens, self.response_mask, strict=True)]
+
+    def texts(self, tokenizer: Tokenizer) -> list[list[str]]:
+        """Each response decoded, without its EOS: `[n][num_samples]`."""
+        return [[tokenizer.decode(ids) for ids in row] for row in self.response_ids(tokenizer)]
 
 
 def sample_prompts(policy: GlmForCausalLM, reward_model: GlmRewardModel,
