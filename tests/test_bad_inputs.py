@@ -5,6 +5,7 @@ import ast
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_train_reward import tiny_rm_config
 
@@ -40,12 +41,39 @@ def test_resuming_with_another_model_is_refused_and_keeps_the_checkpoint(rm_work
     other.rm.eval_file = ""
     other.model.tiny.intermediate_size = 96
     with pytest.raises(ValueError, match=r"checkpoints/2 was written by a run with a different "
-                                         r"model or optimizer config.*shape: \(64, 96\) is not "
-                                         r"compatible with the stored shape: \(64, 128\)"):
+                                         r"model or optimizer config.*: params\.model\.layers\.0\."
+                                         r"mlp\.down_kernel\.value is float32\[64, 128\] there "
+                                         r"and float32\[64, 96\] here"):
         train_reward_model(other, workdir)
     assert saved == {p.relative_to(workdir): p.read_bytes()
                      for p in (workdir / "checkpoints").rglob("*") if p.is_file()}
     assert Checkpointer(workdir / "checkpoints").latest_step() == 2
+
+
+@pytest.mark.parametrize("target, difference", [
+    ({"params": {"w": np.zeros((3, 4), np.float32), "b": np.zeros(3, np.float32)}},
+     r"params\.w is float32\[4, 3\] there and float32\[3, 4\] here"),
+    ({"params": {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float16)}},
+     r"params\.b is float32\[3\] there and float16\[3\] here"),
+    ({"params": {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32),
+                 "c": np.zeros(3, np.float32)}},
+     r"params\.c is not in the checkpoint"),
+    ({"params": {"w": np.zeros((4, 3), np.float32)}},
+     r"params\.b is in the checkpoint but not in this config"),
+])
+def test_restoring_onto_another_structure_names_the_first_difference(tmp_path, target,
+                                                                      difference):
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(1, {"params": {"w": np.ones((4, 3), np.float32),
+                                     "b": np.ones(3, np.float32)}})
+    checkpointer.wait()
+    with pytest.raises(ValueError, match=r"checkpoint .*/1 was written by a run with a "
+                                         r"different model or optimizer config.*: " + difference):
+        checkpointer.restore(target)
+    restored, _ = checkpointer.restore({"params": {"w": np.zeros((4, 3), np.float32),
+                                                   "b": np.zeros(3, np.float32)}})
+    checkpointer.close()
+    np.testing.assert_array_equal(restored["params"]["w"], np.ones((4, 3)))
 
 
 def test_reward_model_with_another_vocabulary(rm_workdir):

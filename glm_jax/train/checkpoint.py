@@ -72,17 +72,15 @@ class Checkpointer:
         hint = (f"the checkpoint {self.directory / str(step)} was written by a run with a "
                 f"different model or optimizer config; use a new workdir, or the config "
                 f"that wrote it (config.json beside its checkpoints)")
+        stored = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state")
+        difference = _first_difference(abstract, stored)
+        if difference:
+            raise ValueError(f"{hint}: {difference}")
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{hint}. Orbax: {e}") from e
-        for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
-                                     jax.tree.leaves(restored.state), strict=True):
-            if want.shape != got.shape or want.dtype != got.dtype:
-                raise ValueError(f"{hint}: {jax.tree_util.keystr(path)} is {got.dtype}"
-                                 f"{list(got.shape)} there and {want.dtype}{list(want.shape)} "
-                                 f"here")
         return restored.state, dict(restored.extra or {})
 
     def wait(self) -> None:
@@ -90,6 +88,25 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _first_difference(abstract: Any, metadata: Any) -> str | None:
+    """The first parameter whose name, shape or dtype differs between the restore target and
+    the checkpoint's metadata, in words (None when they agree). Checked before reading, since
+    orbax reports a mismatch for whichever array its concurrent reads happen to reach first."""
+    tree = getattr(metadata, "tree", metadata)
+    stored = {leaf.name: leaf for leaf in jax.tree.leaves(tree) if hasattr(leaf, "name")}
+    wanted = {".".join(ocp.tree.str_keypath(path)): leaf
+              for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    for name, want in wanted.items():
+        got = stored.get(name)
+        if got is None:
+            return f"{name} is not in the checkpoint"
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            return (f"{name} is {got.dtype}{list(got.shape)} there and "
+                    f"{want.dtype}{list(want.shape)} here")
+    extra = sorted(set(stored) - set(wanted))
+    return f"{extra[0]} is in the checkpoint but not in this config" if extra else None
 
 
 def save_model_config(config: GlmConfig, workdir: str | Path) -> None:
