@@ -24,14 +24,18 @@ def get_config(mesh: str = "") -> ConfigDict:
     # The synthetic tasks' prompts are under 32 tokens with the chat template and their
     # answers a few tokens (filler included).
     config.data.update(max_prompt_tokens=32, max_response_tokens=12)
-    config.sft.update(batch_size=32, num_steps=400, learning_rate=2e-3, warmup_steps=20,
-                      eval_every=0, checkpoint_every=200, log_every=50)
-    config.rm.update(batch_size=32, num_steps=600, learning_rate=5e-4, warmup_steps=20,
-                     eval_every=600, checkpoint_every=600, log_every=100)
-    config.ppo.update(num_steps=40, batch_size=32, minibatch_size=16, ppo_epochs=2,
-                      learning_rate=5e-5, critic_learning_rate=5e-4, kl_coef=0.2,
+    config.sft.update(batch_size=32, num_steps=1200, learning_rate=2e-3, warmup_steps=20,
+                      eval_every=0, checkpoint_every=600, log_every=100)
+    # About 2 epochs of the balanced pairs: longer runs fit the annotators' noise (train
+    # accuracy above the Bayes-optimal one, test accuracy lower).
+    config.rm.update(batch_size=32, num_steps=250, learning_rate=5e-4, warmup_steps=20,
+                     eval_every=250, checkpoint_every=250, log_every=50)
+    # kl_coef 0.1: at 0.05 (and at this learning rate with hidden 128) the policy games the
+    # reward model with filler text and its gold quality falls below SFT's.
+    config.ppo.update(num_steps=60, batch_size=32, minibatch_size=16, ppo_epochs=2,
+                      learning_rate=5e-5, critic_learning_rate=5e-4, kl_coef=0.1,
                       sft_coef=0.2, sft_batch_size=8, filter_samples=4,
-                      filter_min_variance=1e-4, checkpoint_every=20, log_every=5)
+                      filter_min_variance=1e-4, checkpoint_every=30, log_every=5)
     config.dpo.update(num_samples=4, pair_margin=0.3, num_steps=150, batch_size=16,
                       learning_rate=5e-5, beta=0.1, eval_every=150, checkpoint_every=150,
                       log_every=25)

@@ -11,6 +11,7 @@ from ml_collections import config_flags
 
 from glm_jax.pipeline.report import SECTIONS
 from glm_jax.pipeline.run import Pipeline, run_pipeline
+from glm_jax.pipeline.world import gold_quality
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,13 @@ def test_report_numbers_match_the_stage_outputs(pipeline_run):
     assert wtl["win"] == pytest.approx(np.mean(diff > 0))
     assert wtl["loss"] == pytest.approx(np.mean(diff < 0))
     assert report["gold_quality"]["ppo"] == pytest.approx(np.mean([r["gold"] for r in ppo]))
+    assert report["greedy_gold_quality"]["sft"] == pytest.approx(
+        np.mean([r["greedy_gold"] for r in sft]))
+    for row in sft + ppo:  # a prompt's gold quality is the mean over its sampled responses
+        assert len(row["responses"]) == reduced_config().pipeline.eval_samples
+        assert row["gold"] == pytest.approx(np.mean([gold_quality(row["prompt"], r)
+                                                     for r in row["responses"]]))
+        assert row["greedy_gold"] == gold_quality(row["prompt"], row["greedy_response"])
     assert report["response_tokens"]["sft"] == pytest.approx(np.mean([r["tokens"] for r in sft]))
     steps = {s["step"]: s["num_comparisons"] for s in report["data_statistics"]}
     assert steps["raw"] == len(lines(workdir / "data" / "preferences_raw.jsonl"))
@@ -78,6 +86,9 @@ def test_report_numbers_match_the_stage_outputs(pipeline_run):
             assert bucket["longer_wins_after"] == 0.5
     curve = lines(workdir / "ppo" / "metrics.jsonl")
     assert report["reference_reward"]["ppo"]["last_kl"] == curve[-1]["kl"]
+    window = max(1, len(curve) // 10)
+    assert report["reference_reward"]["ppo"]["last_reward"] == pytest.approx(
+        np.mean([r["reward"] for r in curve[-window:]]))
     bayes = report["bayes_accuracy"]["test"]
     assert 0.5 < bayes < 1 and report["reward_model"]["rm"]["test_accuracy"] <= 1
 

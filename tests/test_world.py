@@ -15,9 +15,11 @@ from glm_jax.pipeline.world import (
     capability_examples,
     correct_answer,
     gold_quality,
+    make_prompt,
     make_world,
     preference_probability,
     task_of,
+    wrong_answer,
 )
 
 
@@ -50,6 +52,20 @@ def test_tasks_and_answers():
     identity = capability_examples()[0]
     assert capability_correct(identity, " " + identity.response + " ")
     assert not capability_correct(identity, "I am a model.")
+
+
+def test_mistakes_are_wrong_and_half_the_sort_and_copy_ones_incomplete():
+    rng = np.random.default_rng(0)
+    for task in TASKS:
+        prompts = [make_prompt(task, rng) for _ in range(300)]
+        wrong = [wrong_answer(p, rng) for p in prompts]
+        assert all(gold_quality(p, w) < 1 for p, w in zip(prompts, wrong, strict=True)), task
+        shorter = np.mean([len(w) < len(correct_answer(p)) for p, w in zip(prompts, wrong,
+                                                                             strict=True)])
+        if task in ("sort", "copy"):
+            assert 0.4 < shorter < 0.6, task
+        else:  # only filler makes a demonstration longer or shorter in words
+            assert all(len(w.split()) == 1 for w in wrong), task
 
 
 @pytest.fixture(scope="module")

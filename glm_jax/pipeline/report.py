@@ -37,6 +37,20 @@ def win_tie_loss(policy: list[dict], baseline: list[dict], task: str | None = No
             "gold_sft": float(np.mean([b for _, b in pairs]))}
 
 
+def _reward_ends(curve: list[dict]) -> dict[str, float]:
+    """Reward at the start and end of a PPO run, each the mean over a tenth of the iterations
+    (at least one): one iteration's batch mixes the tasks, whose rewards differ widely."""
+    window = max(1, len(curve) // 10)
+
+    def mean(rows: list[dict], key: str) -> float:
+        return float(np.mean([r.get(key, r["reward"]) for r in rows]))
+
+    return {"first_reward": mean(curve[:window], "reward"),
+            "last_reward": mean(curve[-window:], "reward"),
+            "first_score": mean(curve[:window], "reward_minus_reference"),
+            "last_kl": curve[-1]["kl"], "max_kl": max(r["kl"] for r in curve)}
+
+
 def _metrics(workdir: Path, stage: str) -> list[dict[str, Any]]:
     path = workdir / stage / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -96,7 +110,10 @@ def write_report(workdir: str | Path, results: dict[str, Any], config: ConfigDic
     workdir = Path(workdir)
     clean, evaluate = results["clean"], results["evaluate"]
     rows = {name: evaluate[name]["rows"] for name in evaluate}
-    data: dict[str, Any] = {"config": {"seed": config.seed}}
+    data: dict[str, Any] = {"config": {
+        "seed": config.seed, "eval_samples": config.pipeline.eval_samples,
+        "temperature": config.ppo.temperature, "top_k": config.ppo.top_k,
+        "top_p": config.ppo.top_p}}
 
     # Table 2 and the length bias per bucket.
     data["data_statistics"] = clean["steps"]
@@ -122,6 +139,8 @@ def write_report(workdir: str | Path, results: dict[str, Any], config: ConfigDic
         for name in RL_POLICIES}
     data["gold_quality"] = {name: float(np.mean([r["gold"] for r in rows[name]]))
                             for name in rows}
+    data["greedy_gold_quality"] = {name: float(np.mean([r["greedy_gold"] for r in rows[name]]))
+                                   for name in rows}
     data["response_tokens"] = {name: float(np.mean([r["tokens"] for r in rows[name]]))
                                for name in rows}
     data["capability_accuracy"] = {
@@ -130,11 +149,7 @@ def write_report(workdir: str | Path, results: dict[str, Any], config: ConfigDic
 
     # Figure 4 and Figure 3.
     curves = {name: _metrics(workdir, name) for name in ("ppo", "ppo_no_ref")}
-    data["reference_reward"] = {
-        name: {"first_reward": c[0]["reward"], "last_reward": c[-1]["reward"],
-               "first_score": c[0].get("reward_minus_reference", c[0]["reward"]),
-               "last_kl": c[-1]["kl"], "max_kl": max(r["kl"] for r in c)}
-        for name, c in curves.items() if c}
+    data["reference_reward"] = {name: _reward_ends(c) for name, c in curves.items() if c}
     rewards = {t: [r["reward"] for r in rows["sft"] if r["task"] == t] for t in TASKS}
     data["reward_distributions"] = {t: {"mean": float(np.mean(v)), "std": float(np.std(v))}
                                     for t, v in rewards.items()}
@@ -178,7 +193,7 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
     ref = data["reference_reward"]
     if "ppo" in ref and "ppo_no_ref" in ref:
         claim("With the reference reward, PPO's reward starts near zero (Figure 4)",
-              f"first-iteration reward minus reference {ref['ppo']['first_score']:+.3f} with, "
+              f"early reward minus reference {ref['ppo']['first_score']:+.3f} with, "
               f"reward {ref['ppo_no_ref']['first_reward']:+.3f} without",
               abs(ref["ppo"]["first_score"]) < abs(ref["ppo_no_ref"]["first_reward"]))
         claim("Both PPO runs improve the reward similarly (Figure 4)",
@@ -235,16 +250,24 @@ def render_markdown(data: dict[str, Any]) -> str:
             w = wtl[name][task]
             rows.append([LABELS[name], task, w["win"], w["tie"], w["loss"], w["gold"],
                          w["gold_sft"]])
+    setting = data["config"]
     parts += ["## Gold-quality win/tie/loss against SFT (Table 4)",
+              f"Each policy answers every held-out prompt {setting['eval_samples']} times, "
+              f"sampled as in PPO's rollouts (temperature {setting['temperature']}, top-k "
+              f"{setting['top_k']}, top-p {setting['top_p']}); a prompt's gold quality is the "
+              "mean over its samples, and a win is a higher mean than SFT's on that prompt.",
               _table(["policy", "task", "win", "tie", "loss", "mean gold", "SFT mean gold"],
                      rows)]
     parts += ["## Response length (Table 6)",
-              _table(["policy", "mean response tokens", "mean gold quality"],
-                     [[LABELS[n], data["response_tokens"][n], data["gold_quality"][n]]
-                      for n in data["response_tokens"]])]
+              _table(["policy", "mean response tokens", "mean gold quality",
+                      "mean gold quality, greedy"],
+                     [[LABELS[n], data["response_tokens"][n], data["gold_quality"][n],
+                       data["greedy_gold_quality"][n]] for n in data["response_tokens"]])]
     ref = data["reference_reward"]
     parts += ["## Reference reward (Figure 4)",
               f"![reward and KL]({Path(data['figures']['reference_reward']).name})",
+              "First and last reward: means over the first and the last tenth of the "
+              "iterations.",
               _table(["run", "first reward", "last reward", "last KL", "max KL"],
                      [[LABELS[n], r["first_reward"], r["last_reward"], r["last_kl"],
                        r["max_kl"]] for n, r in ref.items()])]

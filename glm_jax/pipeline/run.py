@@ -185,8 +185,10 @@ class Pipeline:
                 "eval": _numbers(last.get("eval", {}))}
 
     def evaluate(self) -> dict[str, Any]:
-        """Greedy responses of every policy to the held-out prompts and the capability set,
-        their gold quality, lengths and reward-model scores."""
+        """Every policy's responses to the held-out prompts, `pipeline.eval_samples` sampled
+        per prompt with PPO's rollout settings (what RLHF trains) plus the greedy one, with
+        their gold quality, lengths and reward-model scores; and its greedy answers to the
+        capability set."""
         import glm_jax
         from glm_jax.data.records import SFTExample
         from glm_jax.generation import generate_text
@@ -199,24 +201,39 @@ class Pipeline:
         capability, _ = read_jsonl(self.data / "capability.jsonl", "sft")
         template = template_from_config(self.config)
         reward_model = load_trained_model(self.path("rm"), GlmRewardModel)
+        samples, ppo = self.config.pipeline.eval_samples, self.config.ppo
+        limit = self.config.data.max_response_tokens
         out: dict[str, Any] = {}
         for name in tqdm(POLICIES, desc="evaluating policies", unit="policy", leave=False):
             hf = self.path(name, "hf")
             model, tokenizer = glm_jax.from_pretrained(hf), Tokenizer.from_dir(hf)
-            limit = self.config.data.max_response_tokens
-            texts = generate_text(model, tokenizer, [p.prompt for p in prompts],
-                                  template=template, max_new_tokens=limit, temperature=0.0)
-            answers = generate_text(model, tokenizer, [c.prompt for c in capability],
-                                    template=template, max_new_tokens=limit, temperature=0.0)
-            scored = score_responses(
+
+            def respond(texts: list[str], model=model, tokenizer=tokenizer, **sampling
+                        ) -> list[str]:
+                return generate_text(model, tokenizer, texts, template=template,
+                                     max_new_tokens=limit, **sampling)
+
+            greedy = respond([p.prompt for p in prompts], temperature=0.0)
+            # One seed for every policy: the same prompt draws the same random numbers.
+            sampled = respond([p.prompt for p in prompts for _ in range(samples)],
+                              temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
+                              rng=self.config.seed)
+            answers = respond([c.prompt for c in capability], temperature=0.0)
+            scores = score_responses(
                 reward_model, tokenizer, template,
-                [SFTExample(p.prompt, t or " ", task=p.task) for p, t in zip(prompts, texts,
-                                                                          strict=True)],
-                self.config)
-            rows = [{"prompt": p.prompt, "task": p.task, "response": t,
-                     "gold": gold_quality(p.prompt, t), "tokens": len(tokenizer.encode(t)),
-                     "reward": float(r)}
-                    for p, t, r in zip(prompts, texts, scored["score"], strict=True)]
+                [SFTExample(p.prompt, t or " ", task=p.task)
+                 for p, t in zip([p for p in prompts for _ in range(samples)], sampled,
+                                 strict=True)], self.config)["score"]
+            rows = []
+            for i, prompt in enumerate(prompts):
+                responses = sampled[i * samples:(i + 1) * samples]
+                rows.append({
+                    "prompt": prompt.prompt, "task": prompt.task, "responses": responses,
+                    "gold": float(np.mean([gold_quality(prompt.prompt, t) for t in responses])),
+                    "tokens": float(np.mean([len(tokenizer.encode(t)) for t in responses])),
+                    "reward": float(np.mean(scores[i * samples:(i + 1) * samples])),
+                    "greedy_response": greedy[i],
+                    "greedy_gold": gold_quality(prompt.prompt, greedy[i])})
             (self.workdir / "evaluate").mkdir(parents=True, exist_ok=True)
             write_jsonl(self.workdir / "evaluate" / f"{name}.jsonl", rows)
             out[name] = {"rows": rows, "capability": [

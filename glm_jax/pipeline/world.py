@@ -5,7 +5,7 @@ bias toward longer responses.
 Everything is generated deterministically from a seed. Four tasks, each graded in [0, 1] by
 `gold_quality(prompt, response)` from the prompt's text alone:
 
-- add:    "add 3 and 14"                -> "17"      (closeness of the number)
+- add:    "add 347 and 2"               -> "349"     (closeness of the number)
 - sort:   "sort: d b a"                 -> "a b d"   (right letters, in order)
 - copy:   "copy in capitals: cat"       -> "CAT"     (character match)
 - parity: "is 6 even? answer yes or no" -> "yes"     (right word)
@@ -67,8 +67,8 @@ class WorldConfig:
 # --- prompts and gold quality -------------------------------------------------------------
 
 def make_prompt(task: str, rng: np.random.Generator) -> str:
-    if task == "add":
-        return f"add {rng.integers(0, 50)} and {rng.integers(0, 50)}"
+    if task == "add":  # a small number to a larger one: learnable by a 2-layer model
+        return f"add {rng.integers(0, 1000)} and {rng.integers(1, 4)}"
     if task == "sort":
         letters = rng.choice(list(LETTERS), size=int(rng.integers(3, 5)), replace=False)
         return "sort: " + " ".join(letters)
@@ -152,24 +152,34 @@ def capability_correct(example: SFTExample, response: str) -> bool:
 # --- the demonstrator ---------------------------------------------------------------------
 
 def wrong_answer(prompt: str, rng: np.random.Generator) -> str:
-    """A plausible mistake for the prompt's task."""
+    """A plausible mistake for the prompt's task. Half the sort and copy mistakes are
+    incomplete (a letter short), so in the demonstrations the longer answer tends to be
+    the better one even before filler."""
     task, answer = task_of(prompt), correct_answer(prompt)
+    incomplete = rng.random() < 0.5
     if task == "add":
         return str(int(answer) + int(rng.choice([-3, -2, -1, 1, 2, 3])))
     if task == "sort":
         letters = answer.split()
-        i = int(rng.integers(len(letters) - 1))
-        letters[i], letters[i + 1] = letters[i + 1], letters[i]
-        if rng.random() < 0.3:
+        if incomplete:
             del letters[int(rng.integers(len(letters)))]
+        else:
+            i = int(rng.integers(len(letters) - 1))
+            letters[i], letters[i + 1] = letters[i + 1], letters[i]
         return " ".join(letters)
     if task == "copy":
         chars = list(answer)
         i = int(rng.integers(len(chars)))
-        chars[i] = (chars[i].lower() if rng.random() < 0.5
-                    else LETTERS[rng.integers(len(LETTERS))].upper())
+        if incomplete:
+            del chars[i]
+        else:
+            others = LETTERS.replace(chars[i].lower(), "")
+            chars[i] = (chars[i].lower() if rng.random() < 0.5
+                        else others[rng.integers(len(others))].upper())
         return "".join(chars)
-    return "no" if answer == "yes" else "yes"
+    # parity: the other word, or not the yes / no the prompt asks for
+    other = "no" if answer == "yes" else "yes"
+    return str(rng.choice([other, "maybe", "even" if answer == "yes" else "odd"]))
 
 
 def demonstrate(prompt: str, rng: np.random.Generator, p_correct: float, p_verbose: float
