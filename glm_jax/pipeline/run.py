@@ -10,6 +10,7 @@ every stage.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -203,27 +204,22 @@ class Pipeline:
         reward_model = load_trained_model(self.path("rm"), GlmRewardModel)
         samples, ppo = self.config.pipeline.eval_samples, self.config.ppo
         limit = self.config.data.max_response_tokens
+        repeated = [p for p in prompts for _ in range(samples)]
         out: dict[str, Any] = {}
         for name in tqdm(POLICIES, desc="evaluating policies", unit="policy", leave=False):
             hf = self.path(name, "hf")
             model, tokenizer = glm_jax.from_pretrained(hf), Tokenizer.from_dir(hf)
-
-            def respond(texts: list[str], model=model, tokenizer=tokenizer, **sampling
-                        ) -> list[str]:
-                return generate_text(model, tokenizer, texts, template=template,
-                                     max_new_tokens=limit, **sampling)
-
+            respond = functools.partial(generate_text, model, tokenizer, template=template,
+                                        max_new_tokens=limit)
             greedy = respond([p.prompt for p in prompts], temperature=0.0)
             # One seed for every policy: the same prompt draws the same random numbers.
-            sampled = respond([p.prompt for p in prompts for _ in range(samples)],
-                              temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-                              rng=self.config.seed)
+            sampled = respond([p.prompt for p in repeated], temperature=ppo.temperature,
+                              top_k=ppo.top_k, top_p=ppo.top_p, rng=self.config.seed)
             answers = respond([c.prompt for c in capability], temperature=0.0)
             scores = score_responses(
                 reward_model, tokenizer, template,
                 [SFTExample(p.prompt, t or " ", task=p.task)
-                 for p, t in zip([p for p in prompts for _ in range(samples)], sampled,
-                                 strict=True)], self.config)["score"]
+                 for p, t in zip(repeated, sampled, strict=True)], self.config)["score"]
             rows = []
             for i, prompt in enumerate(prompts):
                 responses = sampled[i * samples:(i + 1) * samples]
