@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def rm_workdir(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bad_rm")
     config = tiny_rm_config(tmp_path, num_steps=2, eval_every=0, checkpoint_every=2,
-                            log_every=1000)
-    config.rm.eval_file = ""
+                            log_every=1000, eval_file="")
     train_reward_model(config, tmp_path / "rm")
     return config, tmp_path / "rm"
 
@@ -37,8 +36,8 @@ def test_resuming_with_another_model_is_refused_and_keeps_the_checkpoint(rm_work
     config, workdir = rm_workdir
     saved = {p.relative_to(workdir): p.read_bytes()
              for p in (workdir / "checkpoints").rglob("*") if p.is_file()}
-    other = tiny_rm_config(workdir.parent, num_steps=4, eval_every=0, log_every=1000)
-    other.rm.eval_file = ""
+    other = tiny_rm_config(workdir.parent, num_steps=4, eval_every=0, log_every=1000,
+                           eval_file="")
     other.model.tiny.intermediate_size = 96
     with pytest.raises(ValueError, match=r"checkpoints/2 was written by a run with a different "
                                          r"model or optimizer config.*: params\.model\.layers\.0\."

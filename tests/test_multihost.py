@@ -55,8 +55,7 @@ def metrics(workdir: Path) -> list[dict]:
 def configs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("multihost")
     rm = tiny_rm_config(tmp_path, num_steps=3, eval_every=0, checkpoint_every=3,
-                        log_every=1000)
-    rm.rm.eval_file = ""
+                        log_every=1000, eval_file="")
     write_jsonl(tmp_path / "prompts.jsonl", [PromptExample(f"question {i}") for i in range(16)])
     ppo = ppo_config(prompt_file=str(tmp_path / "prompts.jsonl"), num_steps=2,
                      checkpoint_every=2, log_every=1000, filter_samples=2,

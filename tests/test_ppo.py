@@ -235,8 +235,8 @@ def test_train_ppo_end_to_end_with_caches_and_resume(tmp_path, capsys):
     from glm_jax.train.ppo import train_ppo
     from glm_jax.train.reward import train_reward_model
 
-    rm_config = tiny_rm_config(tmp_path, num_steps=4, eval_every=0, checkpoint_every=4)
-    rm_config.rm.eval_file = ""
+    rm_config = tiny_rm_config(tmp_path, num_steps=4, eval_every=0, checkpoint_every=4,
+                               eval_file="")
     train_reward_model(rm_config, tmp_path / "rm")
     examples = [PromptExample(f"question {i}", task=["a", "b"][i % 2]) for i in range(12)]
     write_jsonl(tmp_path / "prompts.jsonl", examples)

@@ -59,8 +59,7 @@ def straight_and_resumed(train, config: ConfigDict, section: str, workdir: Path,
 @pytest.fixture(scope="module")
 def reward_runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("rm_resume")
-    config = tiny_rm_config(tmp_path, eval_every=0, log_every=1000)
-    config.rm.eval_file = ""
+    config = tiny_rm_config(tmp_path, eval_every=0, log_every=1000, eval_file="")
     half = straight_and_resumed(train_reward_model, config, "rm", tmp_path)
     return config, tmp_path, half
 
