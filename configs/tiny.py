@@ -1,5 +1,6 @@
-"""The embedded tiny default: a 2-layer GLM-4-shaped model on CPU, and the settings with which
-scripts/run_pipeline.py runs the whole pipeline on the synthetic world in minutes.
+"""The embedded tiny default: a 2-layer GLM-4-shaped model (hidden 128) on CPU, and the
+settings with which scripts/run_pipeline.py runs the whole pipeline on the synthetic world in
+minutes.
 
 Every field, its schema default and its meaning are in glm_jax/config.py (`default_config`);
 this file changes the ones the pipeline needs. Use with any script: `--config configs/tiny.py`,
@@ -18,22 +19,28 @@ def get_config(mesh: str = "") -> ConfigDict:
         config.mesh = mesh_preset(mesh)
     # The model's shape (glm_jax.models.tiny.tiny_config fields), listed so the command line
     # can change it: --config.model.tiny.hidden_size=128.
-    config.model.tiny = ConfigDict(dict(hidden_size=64, intermediate_size=128,
+    # At hidden 64 the reward model cannot tell right from wrong beyond parity (test accuracy
+    # 0.72 against a Bayes-optimal 0.85) and PPO gains little over SFT.
+    config.model.tiny = ConfigDict(dict(hidden_size=128, intermediate_size=256,
                                         num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, head_dim=16))
+                                        num_key_value_heads=2, head_dim=32))
     # The synthetic tasks' prompts are under 32 tokens with the chat template and their
     # answers a few tokens (filler included).
     config.data.update(max_prompt_tokens=32, max_response_tokens=12)
+    # The annotators' pull toward the longer response: at 1.0 the longer of an SFT model's
+    # two responses wins 0.54 of the raw pairs; at 1.5 the reward model still prefers filler
+    # after balancing enough for PPO to trade quality for it.
+    config.pipeline.length_bias = 1.0
     config.sft.update(batch_size=32, num_steps=1200, learning_rate=2e-3, warmup_steps=20,
                       eval_every=0, checkpoint_every=600, log_every=100)
     # About 2 epochs of the balanced pairs: longer runs fit the annotators' noise (train
     # accuracy above the Bayes-optimal one, test accuracy lower).
     config.rm.update(batch_size=32, num_steps=250, learning_rate=5e-4, warmup_steps=20,
                      eval_every=250, checkpoint_every=250, log_every=50)
-    # kl_coef 0.1: at 0.05 (and at this learning rate with hidden 128) the policy games the
-    # reward model with filler text and its gold quality falls below SFT's.
+    # kl_coef 0.1: at 0.05 (or at a higher learning rate) the policy games the reward model
+    # with filler text and its gold quality falls below SFT's.
     config.ppo.update(num_steps=60, batch_size=32, minibatch_size=16, ppo_epochs=2,
-                      learning_rate=5e-5, critic_learning_rate=5e-4, kl_coef=0.1,
+                      learning_rate=3e-5, critic_learning_rate=5e-4, kl_coef=0.1,
                       sft_coef=0.2, sft_batch_size=8, filter_samples=4,
                       filter_min_variance=1e-4, checkpoint_every=30, log_every=5)
     config.dpo.update(num_samples=4, pair_margin=0.3, num_steps=150, batch_size=16,

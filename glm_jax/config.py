@@ -126,11 +126,15 @@ def default_config() -> ConfigDict:
     # The embedded pipeline (scripts/run_pipeline.py): the synthetic world's sizes and its
     # annotators (every field of glm_jax.pipeline.world.WorldConfig but its seed, which is
     # config.seed, with the defaults and meanings given there), and the length-balancing
-    # buckets of |len(chosen) - len(rejected)| tokens. The stages use the sections above; the
-    # policies are evaluated on eval_samples responses per held-out prompt, sampled with
-    # config.ppo's temperature / top_k / top_p, and on their greedy responses.
+    # buckets of |len(chosen) - len(rejected)| tokens. The stages use the sections above. The
+    # annotators judge the SFT model's responses, annotate_samples sampled per preference
+    # prompt; the policies are evaluated on eval_samples responses per held-out prompt and on
+    # their greedy ones. Both sample with config.ppo's temperature / top_k / top_p.
+    # ablation_steps: steps of the unbalanced reward model and iterations of the PPO
+    # ablations (0: as many as the main runs).
     world = {k: v for k, v in dataclasses.asdict(WorldConfig()).items() if k != "seed"}
-    config.pipeline = ConfigDict(dict(**world, bucket_edges="1,2,4,8", eval_samples=4))
+    config.pipeline = ConfigDict(dict(**world, bucket_edges="1,2,4,8", annotate_samples=4,
+                                      eval_samples=4, ablation_steps=0))
     # Several processes (hosts) through JAX's multi-controller runtime. Empty
     # coordinator_address: detected on TPU pods, SLURM and Open MPI, or read from
     # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; a plain run is one process.

@@ -1,6 +1,6 @@
-"""The embedded pipeline end to end on a reduced world: every stage runs, the report has
-every section, its numbers agree with the files the stages wrote, and a rerun skips the
-stages already done."""
+"""The embedded pipeline end to end on a reduced world: every stage runs, the annotators judge
+the SFT model's samples, the report has every section, its numbers agree with the files the
+stages wrote, and a rerun skips the stages already done."""
 
 import json
 from pathlib import Path
@@ -25,7 +25,7 @@ def reduced_config():
     config = values.config
     config.pipeline.update(num_sft=600, num_capability_sft=60, num_preference_prompts=800,
                            num_test_preference_prompts=120, num_rl_prompts=64,
-                           num_eval_prompts_per_task=8)
+                           num_eval_prompts_per_task=8, ablation_steps=2)
     config.sft.update(num_steps=60, checkpoint_every=60)
     config.rm.update(num_steps=40, eval_every=40, checkpoint_every=40)
     config.ppo.update(num_steps=3, batch_size=16, minibatch_size=8, ppo_epochs=1,
@@ -56,6 +56,18 @@ def test_report_has_every_section_and_figure(pipeline_run):
     report = json.loads(Path(summary["json"]).read_text())
     assert {f["claim"] for f in report["findings"]} == {f["claim"] for f in summary["findings"]}
     assert all(isinstance(f["reproduced"], bool) for f in report["findings"])
+
+
+def test_annotators_judged_the_sft_models_samples(pipeline_run):
+    workdir, _ = pipeline_run
+    prompts = [r["prompt"] for r in lines(workdir / "data" / "preference_prompts.jsonl")]
+    pairs = lines(workdir / "data" / "preferences_raw.jsonl")
+    assert {p["prompt"] for p in pairs} <= set(prompts)
+    assert len({p["prompt"] for p in pairs}) > 0.8 * len(prompts)
+    assert all(p["chosen"] != p["rejected"] and p["chosen"].strip() and p["rejected"].strip()
+               for p in pairs)
+    counts = json.loads((workdir / "annotate" / "stage.json").read_text())["preference"]
+    assert counts == {"prompts": len(prompts), "pairs": len(pairs)}
 
 
 def test_report_numbers_match_the_stage_outputs(pipeline_run):

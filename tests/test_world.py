@@ -10,10 +10,12 @@ from glm_jax.data.cleaning import drop_cycles, drop_ties
 from glm_jax.pipeline.world import (
     TASKS,
     WorldConfig,
+    annotate,
     bayes_accuracy,
     capability_correct,
     capability_examples,
     correct_answer,
+    demonstrate,
     gold_quality,
     make_prompt,
     make_world,
@@ -75,11 +77,13 @@ def world():
 
 def test_world_is_deterministic_and_held_out(world):
     again = make_world(WorldConfig())
-    assert again.sft == world.sft and again.preferences == world.preferences
+    assert again.sft == world.sft and again.preference_prompts == world.preference_prompts
     assert make_world(WorldConfig(seed=1)).sft != world.sft
     eval_prompts = {e.prompt for e in world.eval_prompts}
-    seen = ({e.prompt for e in world.sft} | {p.prompt for p in world.preferences}
-            | {p.prompt for p in world.test_preferences} | {e.prompt for e in world.rl_prompts})
+    sets = [world.sft, world.preference_prompts, world.test_preference_prompts,
+            world.rl_prompts]
+    seen = set().union(*({e.prompt for e in s if e.task in TASKS} for s in sets))
+    assert len(seen) == sum(sum(e.task in TASKS for e in s) for s in sets)  # no repeats
     assert not eval_prompts & seen
     assert {e.task for e in world.eval_prompts} == set(TASKS)
     # The capability set is in the SFT data and nowhere else.
@@ -93,9 +97,31 @@ def test_demonstrations_are_imperfect(world):
     assert 0.5 < np.mean(gold) < 0.9 and np.mean(np.array(gold) == 1.0) < 0.7
 
 
+def judge_demonstrations(prompts, config, seed=0):
+    """The annotators' pairs over four demonstrations per prompt."""
+    rng = np.random.default_rng(seed)
+    candidates = [[demonstrate(p.prompt, rng, config.p_correct, config.p_verbose)
+                   for _ in range(4)] for p in prompts]
+    return annotate([p.prompt for p in prompts], candidates, config, rng)
+
+
+def test_annotators_judge_two_distinct_candidates_or_three_in_a_cycle():
+    config = WorldConfig(p_cycle=0.0, p_tie=0.0)
+    rng = np.random.default_rng(0)
+    prompts = ["add 3 and 4", "sort: b a", "copy in capitals: kem"]
+    pairs = annotate(prompts, [["7", "7", " ", "8 ok"], ["a b", "a b"], ["KEM", "KM"]],
+                     config, rng)
+    assert [p.prompt for p in pairs] == ["add 3 and 4", "copy in capitals: kem"]
+    assert {pairs[0].chosen, pairs[0].rejected} == {"7", "8 ok"}  # duplicates, blanks skipped
+    cyclic = annotate(prompts[:1], [["7", "8", "9", "6"]], WorldConfig(p_cycle=1.0), rng)
+    assert [(p.chosen, p.rejected) for p in cyclic] == [("7", "8"), ("8", "9"), ("9", "7")]
+    with pytest.raises(ValueError):  # one candidate list per prompt
+        annotate(prompts, [["7", "8"]], config, rng)
+
+
 def test_annotators_are_noisy_biased_and_inconsistent(world):
     config = WorldConfig()
-    pairs = world.preferences
+    pairs = judge_demonstrations(world.preference_prompts, config)
     assert sum(p.tie for p in pairs) > 20
     assert len(drop_cycles(drop_ties(pairs))) < len(drop_ties(pairs))  # cycles to remove
     judged = [p for p in pairs if not p.tie]
@@ -106,7 +132,8 @@ def test_annotators_are_noisy_biased_and_inconsistent(world):
               for p in judged if gold_quality(p.prompt, p.chosen)
               != gold_quality(p.prompt, p.rejected)]
     assert 0.6 < np.mean(better) < 0.95  # quality shows, through noise
-    ceiling = bayes_accuracy(drop_ties(world.test_preferences), config)
+    ceiling = bayes_accuracy(drop_ties(judge_demonstrations(world.test_preference_prompts,
+                                                             config)), config)
     assert 0.6 < ceiling < 0.95
 
 

@@ -1,7 +1,7 @@
 """The whole ChatGLM-RLHF pipeline in miniature, stage by stage, in one work directory.
 
-world -> sft -> clean -> rm (+ rm_unbalanced) -> ppo (+ ppo_no_ref, ppo_no_sft) -> dpo
--> evaluate -> report. Each stage is one of the library's programs (train_sft,
+world -> sft -> annotate -> clean -> rm (+ rm_unbalanced) -> ppo (+ ppo_no_ref, ppo_no_sft)
+-> dpo -> evaluate -> report. Each stage is one of the library's programs (train_sft,
 train_reward_model, train_ppo, train_dpo) run on a config derived from the given one; the
 PPO stages compute their reference responses and prompt filter themselves (paper 3.4).
 A stage whose `WORKDIR/<stage>/stage.json` exists is skipped on a rerun; `force` redoes
@@ -36,6 +36,7 @@ from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.pipeline import report
 from glm_jax.pipeline.world import (
     WorldConfig,
+    annotate,
     bayes_accuracy,
     capability_correct,
     gold_quality,
@@ -43,6 +44,7 @@ from glm_jax.pipeline.world import (
 )
 
 POLICIES = ("sft", "ppo", "ppo_no_ref", "ppo_no_sft", "dpo")
+SAMPLE_ROWS = 1024  # rows per compiled sampling call
 
 
 def world_config(config: ConfigDict) -> WorldConfig:
@@ -80,9 +82,10 @@ class Pipeline:
     def world(self) -> dict[str, Any]:
         world = make_world(world_config(self.config))
         self.data.mkdir(parents=True, exist_ok=True)
-        files = {"sft": world.sft, "preferences_raw": world.preferences,
-                 "preferences_test_raw": world.test_preferences, "rl_prompts": world.rl_prompts,
-                 "eval_prompts": world.eval_prompts, "capability": world.capability}
+        files = {"sft": world.sft, "preference_prompts": world.preference_prompts,
+                 "preference_test_prompts": world.test_preference_prompts,
+                 "rl_prompts": world.rl_prompts, "eval_prompts": world.eval_prompts,
+                 "capability": world.capability}
         for name, records in files.items():
             write_jsonl(self.data / f"{name}.jsonl", records)
         return {name: len(records) for name, records in files.items()}
@@ -93,6 +96,48 @@ class Pipeline:
         config = derive(self.config, **{"sft.train_file": str(self.data / "sft.jsonl"),
                                         "sft.eval_file": ""})
         return _numbers(train_sft(config, self.path("sft")))
+
+    def annotate(self) -> dict[str, Any]:
+        """The annotators judge the SFT model's responses (paper 3.1: two outputs of the SFT
+        model per prompt): `pipeline.annotate_samples` sampled per preference prompt with
+        PPO's rollout settings, of which `world.annotate` compares the first distinct ones."""
+        import glm_jax
+
+        hf = self.path("sft", "hf")
+        model, tokenizer = glm_jax.from_pretrained(hf), Tokenizer.from_dir(hf)
+        samples = self.config.pipeline.annotate_samples
+        rng = np.random.default_rng([self.config.seed, 1])
+        counts = {}
+        for name in ("preference", "preference_test"):
+            prompts = [p.prompt for p in read_jsonl(self.data / f"{name}_prompts.jsonl",
+                                                    "prompt")[0]]
+            sampled = self._sample(model, tokenizer, prompts, samples, f"sampling {name} "
+                                   "responses")
+            pairs = annotate(prompts, [sampled[i:i + samples]
+                                       for i in range(0, len(sampled), samples)],
+                             world_config(self.config), rng)
+            raw = "preferences_raw" if name == "preference" else "preferences_test_raw"
+            write_jsonl(self.data / f"{raw}.jsonl", pairs)
+            counts[name] = {"prompts": len(prompts), "pairs": len(pairs)}
+        return counts
+
+    def _sample(self, model: Any, tokenizer: Tokenizer, prompts: list[str], samples: int,
+                desc: str) -> list[str]:
+        """`samples` consecutive responses to each prompt, with PPO's rollout settings (the
+        same random numbers for every model), `SAMPLE_ROWS` rows per compiled call."""
+        from glm_jax.generation import generate_text
+        from glm_jax.train.common import template_from_config
+
+        ppo, rows = self.config.ppo, [p for p in prompts for _ in range(samples)]
+        out: list[str] = []
+        for start in tqdm(range(0, len(rows), SAMPLE_ROWS), desc=desc, unit="batch",
+                          leave=False):
+            out += generate_text(model, tokenizer, rows[start:start + SAMPLE_ROWS],
+                                 template=template_from_config(self.config),
+                                 max_new_tokens=self.config.data.max_response_tokens,
+                                 temperature=ppo.temperature, top_k=ppo.top_k,
+                                 top_p=ppo.top_p, rng=self.config.seed + start)
+        return out
 
     def clean(self) -> dict[str, Any]:
         length = tokenizer_length(Tokenizer.from_dir(self.path("sft", "hf")))
@@ -122,13 +167,18 @@ class Pipeline:
                 "bayes_accuracy_train": bayes_accuracy(consistent,
                                                        world_config(self.config))}
 
-    def _reward_model(self, name: str, train_file: str) -> dict[str, Any]:
+    def _ablation(self, section: str) -> dict[str, Any]:
+        """The ablation runs' length: `pipeline.ablation_steps`, or the main run's when 0."""
+        steps = self.config.pipeline.ablation_steps
+        return {f"{section}.num_steps": steps} if steps else {}
+
+    def _reward_model(self, name: str, train_file: str, **updates: Any) -> dict[str, Any]:
         from glm_jax.train.reward import train_reward_model
 
         config = derive(self.config, **{
             "model.init_checkpoint": self.path("sft", "hf"),
             "rm.train_file": str(self.data / train_file),
-            "rm.eval_file": str(self.data / "preferences_test.jsonl")})
+            "rm.eval_file": str(self.data / "preferences_test.jsonl"), **updates})
         last = train_reward_model(config, self.path(name))
         train, test = self._rm_summaries(name, (train_file, "preferences_test.jsonl"))
         return {"train": train, "test": test,
@@ -151,7 +201,8 @@ class Pipeline:
         return self._reward_model("rm", "preferences_balanced.jsonl")
 
     def rm_unbalanced(self) -> dict[str, Any]:
-        return self._reward_model("rm_unbalanced", "preferences_unbalanced.jsonl")
+        return self._reward_model("rm_unbalanced", "preferences_unbalanced.jsonl",
+                                  **self._ablation("rm"))
 
     def _ppo(self, name: str, **updates: Any) -> dict[str, Any]:
         from glm_jax.train.ppo import train_ppo
@@ -168,10 +219,11 @@ class Pipeline:
         return self._ppo("ppo")
 
     def ppo_no_ref(self) -> dict[str, Any]:
-        return self._ppo("ppo_no_ref", **{"ppo.reference_reward": False})
+        return self._ppo("ppo_no_ref", **{"ppo.reference_reward": False},
+                         **self._ablation("ppo"))
 
     def ppo_no_sft(self) -> dict[str, Any]:
-        return self._ppo("ppo_no_sft", **{"ppo.sft_coef": 0.0})
+        return self._ppo("ppo_no_sft", **{"ppo.sft_coef": 0.0}, **self._ablation("ppo"))
 
     def dpo(self) -> dict[str, Any]:
         from glm_jax.train.dpo import train_dpo
@@ -202,7 +254,7 @@ class Pipeline:
         capability, _ = read_jsonl(self.data / "capability.jsonl", "sft")
         template = template_from_config(self.config)
         reward_model = load_trained_model(self.path("rm"), GlmRewardModel)
-        samples, ppo = self.config.pipeline.eval_samples, self.config.ppo
+        samples = self.config.pipeline.eval_samples
         limit = self.config.data.max_response_tokens
         repeated = [p for p in prompts for _ in range(samples)]
         out: dict[str, Any] = {}
@@ -210,12 +262,11 @@ class Pipeline:
             hf = self.path(name, "hf")
             model, tokenizer = glm_jax.from_pretrained(hf), Tokenizer.from_dir(hf)
             respond = functools.partial(generate_text, model, tokenizer, template=template,
-                                        max_new_tokens=limit)
-            greedy = respond([p.prompt for p in prompts], temperature=0.0)
-            # One seed for every policy: the same prompt draws the same random numbers.
-            sampled = respond([p.prompt for p in repeated], temperature=ppo.temperature,
-                              top_k=ppo.top_k, top_p=ppo.top_p, rng=self.config.seed)
-            answers = respond([c.prompt for c in capability], temperature=0.0)
+                                        max_new_tokens=limit, temperature=0.0)
+            greedy = respond([p.prompt for p in prompts])
+            sampled = self._sample(model, tokenizer, [p.prompt for p in prompts], samples,
+                                   f"sampling {name}")
+            answers = respond([c.prompt for c in capability])
             scores = score_responses(
                 reward_model, tokenizer, template,
                 [SFTExample(p.prompt, t or " ", task=p.task)
@@ -243,7 +294,7 @@ class Pipeline:
 
     # --- driver ---------------------------------------------------------------------------
 
-    STAGES = ("world", "sft", "clean", "rm", "rm_unbalanced", "ppo", "ppo_no_ref",
+    STAGES = ("world", "sft", "annotate", "clean", "rm", "rm_unbalanced", "ppo", "ppo_no_ref",
               "ppo_no_sft", "dpo", "evaluate", "report")
 
     def run(self) -> dict[str, Any]:

@@ -203,30 +203,25 @@ def preference_probability(prompt: str, a: str, b: str, config: WorldConfig) -> 
     return 1.0 / (1.0 + math.exp(-logit))
 
 
-def annotate(prompts: Sequence[str], config: WorldConfig, rng: np.random.Generator
-             ) -> list[PreferencePair]:
-    """Two distinct demonstrations per prompt, judged once; a `p_cycle` share of prompts get
-    three responses judged in a cycle (A > B, B > C, C > A), and near-equal pairs are ties
-    with `p_tie`."""
+def annotate(prompts: Sequence[str], candidates: Sequence[Sequence[str]], config: WorldConfig,
+             rng: np.random.Generator) -> list[PreferencePair]:
+    """Annotators judge two of each prompt's candidate responses (in the pipeline, the SFT
+    model's samples: paper 3.1), the first two distinct non-empty ones; a `p_cycle` share of
+    the prompts with three such candidates get them judged in a cycle (A > B, B > C, C > A),
+    and near-equal pairs are ties with `p_tie`. Prompts without two distinct candidates give
+    no pair."""
     pairs = []
-    for index, prompt in enumerate(prompts):
+    for index, (prompt, responses) in enumerate(zip(prompts, candidates, strict=True)):
         task = task_of(prompt)
-        responses: list[str] = []
-        want = 3 if rng.random() < config.p_cycle else 2
-        for _ in range(50):
-            response = demonstrate(prompt, rng, config.p_correct, config.p_verbose)
-            if response not in responses:
-                responses.append(response)
-            if len(responses) == want:
-                break
-        if len(responses) < 2:
-            continue
-        if len(responses) == 3:  # a cyclic judgement the cleaning must remove
-            a, b, c = responses
+        distinct = list(dict.fromkeys(r for r in responses if r.strip()))
+        if rng.random() < config.p_cycle and len(distinct) >= 3:
+            a, b, c = distinct[:3]  # a cyclic judgement the cleaning must remove
             pairs += [PreferencePair(prompt, x, y, task=task, id=f"{index}.{k}")
                       for k, (x, y) in enumerate(((a, b), (b, c), (c, a)))]
             continue
-        a, b = responses
+        if len(distinct) < 2:
+            continue
+        a, b = distinct[:2]
         gap = abs(gold_quality(prompt, a) - gold_quality(prompt, b))
         tie = gap < config.tie_margin and rng.random() < config.p_tie
         if rng.random() >= preference_probability(prompt, a, b, config):
@@ -248,8 +243,8 @@ def bayes_accuracy(pairs: Sequence[PreferencePair], config: WorldConfig) -> floa
 @dataclasses.dataclass(frozen=True)
 class World:
     sft: list[SFTExample]  # imperfect demonstrations + the capability set
-    preferences: list[PreferencePair]  # raw annotations (ties and cycles included)
-    test_preferences: list[PreferencePair]  # raw annotations of held-out prompts
+    preference_prompts: list[PromptExample]  # for the annotators (`annotate`)
+    test_preference_prompts: list[PromptExample]  # held out: the reward model's test pairs
     rl_prompts: list[PromptExample]
     eval_prompts: list[PromptExample]  # num_eval_prompts_per_task of each task, held out
     capability: list[SFTExample]
@@ -275,15 +270,16 @@ def make_world(config: WorldConfig) -> World:
             out.append(prompt)
         return out
 
-    eval_prompts = [PromptExample(p, task=task_of(p))
-                    for p in prompts(config.num_eval_prompts_per_task * len(TASKS))]
+    def examples(count: int) -> list[PromptExample]:
+        return [PromptExample(p, task=task_of(p)) for p in prompts(count)]
+
+    eval_prompts = examples(config.num_eval_prompts_per_task * len(TASKS))
     sft = [SFTExample(p, demonstrate(p, rng, config.p_correct, config.p_verbose),
                       task=task_of(p)) for p in prompts(config.num_sft)]
     capability = capability_examples()
     sft += [capability[i % len(capability)] for i in range(config.num_capability_sft)]
     sft = [sft[i] for i in rng.permutation(len(sft))]
-    preferences = annotate(prompts(config.num_preference_prompts), config, rng)
-    test_preferences = annotate(prompts(config.num_test_preference_prompts), config, rng)
-    rl_prompts = [PromptExample(p, task=task_of(p)) for p in prompts(config.num_rl_prompts)]
-    return World(sft=sft, preferences=preferences, test_preferences=test_preferences,
-                 rl_prompts=rl_prompts, eval_prompts=eval_prompts, capability=capability)
+    return World(sft=sft, preference_prompts=examples(config.num_preference_prompts),
+                 test_preference_prompts=examples(config.num_test_preference_prompts),
+                 rl_prompts=examples(config.num_rl_prompts), eval_prompts=eval_prompts,
+                 capability=capability)
