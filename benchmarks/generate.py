@@ -17,8 +17,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 import torch
+from flax import nnx
 from transformers import GlmConfig, GlmForCausalLM
 
 import glm_jax

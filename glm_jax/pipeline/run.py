@@ -105,18 +105,17 @@ class Pipeline:
 
         hf = self.path("sft", "hf")
         model, tokenizer = glm_jax.from_pretrained(hf), Tokenizer.from_dir(hf)
-        samples = self.config.pipeline.annotate_samples
+        samples, world = self.config.pipeline.annotate_samples, world_config(self.config)
         rng = np.random.default_rng([self.config.seed, 1])
         counts = {}
-        for name in ("preference", "preference_test"):
+        for name, raw in (("preference", "preferences_raw"),
+                          ("preference_test", "preferences_test_raw")):
             prompts = [p.prompt for p in read_jsonl(self.data / f"{name}_prompts.jsonl",
                                                     "prompt")[0]]
             sampled = self._sample(model, tokenizer, prompts, samples, f"sampling {name} "
                                    "responses")
             pairs = annotate(prompts, [sampled[i:i + samples]
-                                       for i in range(0, len(sampled), samples)],
-                             world_config(self.config), rng)
-            raw = "preferences_raw" if name == "preference" else "preferences_test_raw"
+                                       for i in range(0, len(sampled), samples)], world, rng)
             write_jsonl(self.data / f"{raw}.jsonl", pairs)
             counts[name] = {"prompts": len(prompts), "pairs": len(pairs)}
         return counts
@@ -129,11 +128,12 @@ class Pipeline:
         from glm_jax.train.common import template_from_config
 
         ppo, rows = self.config.ppo, [p for p in prompts for _ in range(samples)]
+        template = template_from_config(self.config)
         out: list[str] = []
         for start in tqdm(range(0, len(rows), SAMPLE_ROWS), desc=desc, unit="batch",
                           leave=False):
             out += generate_text(model, tokenizer, rows[start:start + SAMPLE_ROWS],
-                                 template=template_from_config(self.config),
+                                 template=template,
                                  max_new_tokens=self.config.data.max_response_tokens,
                                  temperature=ppo.temperature, top_k=ppo.top_k,
                                  top_p=ppo.top_p, rng=self.config.seed + start)
@@ -256,6 +256,7 @@ class Pipeline:
         reward_model = load_trained_model(self.path("rm"), GlmRewardModel)
         samples = self.config.pipeline.eval_samples
         limit = self.config.data.max_response_tokens
+        texts = [p.prompt for p in prompts]
         repeated = [p for p in prompts for _ in range(samples)]
         out: dict[str, Any] = {}
         for name in tqdm(POLICIES, desc="evaluating policies", unit="policy", leave=False):
@@ -263,9 +264,8 @@ class Pipeline:
             model, tokenizer = glm_jax.from_pretrained(hf), Tokenizer.from_dir(hf)
             respond = functools.partial(generate_text, model, tokenizer, template=template,
                                         max_new_tokens=limit, temperature=0.0)
-            greedy = respond([p.prompt for p in prompts])
-            sampled = self._sample(model, tokenizer, [p.prompt for p in prompts], samples,
-                                   f"sampling {name}")
+            greedy = respond(texts)
+            sampled = self._sample(model, tokenizer, texts, samples, f"sampling {name}")
             answers = respond([c.prompt for c in capability])
             scores = score_responses(
                 reward_model, tokenizer, template,
