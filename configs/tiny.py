@@ -31,8 +31,10 @@ def get_config(mesh: str = "") -> ConfigDict:
     # two responses wins 0.54 of the raw pairs; at 1.5 the reward model still prefers filler
     # after balancing enough for PPO to trade quality for it.
     config.pipeline.length_bias = 1.0
-    config.sft.update(batch_size=32, num_steps=1200, learning_rate=2e-3, warmup_steps=20,
-                      eval_every=0, checkpoint_every=600, log_every=100)
+    # Packed rows of 44 tokens hold 1.6 examples each: 16 rows a step cost half of 32 padded
+    # ones (37 s against 83 s) at the same gold quality (0.634 against 0.631, seed 0).
+    config.sft.update(packing=True, batch_size=16, num_steps=1200, learning_rate=2e-3,
+                      warmup_steps=20, eval_every=0, checkpoint_every=600, log_every=100)
     # About 2 epochs of the balanced pairs: longer runs fit the annotators' noise (train
     # accuracy above the Bayes-optimal one, test accuracy lower).
     config.rm.update(batch_size=32, num_steps=250, learning_rate=5e-4, warmup_steps=20,
@@ -43,7 +45,11 @@ def get_config(mesh: str = "") -> ConfigDict:
                       learning_rate=3e-5, critic_learning_rate=5e-4, kl_coef=0.1,
                       sft_coef=0.2, sft_batch_size=8, filter_samples=4,
                       filter_min_variance=1e-4, checkpoint_every=30, log_every=5)
+    # Plain DPO (eq. 7, beta 0.1) gained only 0.005-0.024 mean gold over SFT on seeds 0-2 and
+    # lost more prompts than it won (its sort answers got worse, where the reward model is
+    # weakest); beta 0.3 and the chosen responses' NLL (as PPO's SFT loss, eq. 6) hold it
+    # closer to SFT: +0.037 to +0.045 (unpacked SFT; +0.011 to +0.039 with this config).
     config.dpo.update(num_samples=4, pair_margin=0.3, num_steps=150, batch_size=16,
-                      learning_rate=5e-5, beta=0.1, eval_every=150, checkpoint_every=150,
-                      log_every=25)
+                      learning_rate=5e-5, beta=0.3, sft_coef=1.0, eval_every=150,
+                      checkpoint_every=150, log_every=25)
     return config

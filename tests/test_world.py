@@ -142,3 +142,23 @@ def test_preference_probability_is_the_annotator_model():
     p = preference_probability("add 3 and 4", "7 ok", "7", config)
     assert p == pytest.approx(1 / (1 + math.exp(-(6.0 * (0.8 - 1.0) + 1.0))))
     assert p + preference_probability("add 3 and 4", "7", "7 ok", config) == pytest.approx(1.0)
+
+
+def test_every_demonstration_fits_the_tiny_configs_response_limit(world):
+    """A cut demonstration is learned cut: the identity answer was once 16 tokens against
+    configs/tiny.py's 12, and no policy could ever answer it right."""
+    import importlib.util
+    from pathlib import Path
+
+    from glm_jax.pipeline.run import check_responses_fit
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+    spec = importlib.util.spec_from_file_location("tiny_config", tiny)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    check_responses_fit(world.sft, config)
+    config.data.max_response_tokens = 10
+    with pytest.raises(ValueError, match=r"max_response_tokens = 10 cuts the world's identity "
+                                         r"demonstration 'I am GLM tiny.' \(11 tokens"):
+        check_responses_fit(world.capability, config)

@@ -31,7 +31,7 @@ from glm_jax.data.cleaning import (
     preference_stats,
     tokenizer_length,
 )
-from glm_jax.data.records import PreferencePair, read_jsonl, write_jsonl
+from glm_jax.data.records import PreferencePair, SFTExample, read_jsonl, write_jsonl
 from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.pipeline import report
 from glm_jax.pipeline.world import (
@@ -65,6 +65,21 @@ def derive(config: ConfigDict, **updates: Any) -> ConfigDict:
     return out
 
 
+def check_responses_fit(examples: list[SFTExample], config: ConfigDict) -> None:
+    """Raise if config.data.max_response_tokens would cut a demonstration: the SFT model
+    would learn the cut answer, and a capability answer could then never be right."""
+    from glm_jax.train.common import tokenizer_from_config
+
+    tokenizer, limit = tokenizer_from_config(config), config.data.max_response_tokens
+    for example in examples:
+        num_tokens = len(tokenizer.encode(example.response)) + 1  # + EOS
+        if num_tokens > limit:
+            raise ValueError(
+                f"config.data.max_response_tokens = {limit} cuts the world's {example.task} "
+                f"demonstration {example.response!r} ({num_tokens} tokens with EOS): raise it "
+                "to at least that")
+
+
 class Pipeline:
     """The stages over one work directory; `run` executes the ones not done yet."""
 
@@ -81,6 +96,7 @@ class Pipeline:
 
     def world(self) -> dict[str, Any]:
         world = make_world(world_config(self.config))
+        check_responses_fit(world.sft, self.config)
         self.data.mkdir(parents=True, exist_ok=True)
         files = {"sft": world.sft, "preference_prompts": world.preference_prompts,
                  "preference_test_prompts": world.test_preference_prompts,
@@ -243,7 +259,6 @@ class Pipeline:
         their gold quality, lengths and reward-model scores; and its greedy answers to the
         capability set."""
         import glm_jax
-        from glm_jax.data.records import SFTExample
         from glm_jax.generation import generate_text
         from glm_jax.models.heads import GlmRewardModel
         from glm_jax.train.checkpoint import load_trained_model

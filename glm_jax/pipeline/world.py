@@ -33,9 +33,10 @@ LETTERS = "abcdefghij"
 CONSONANTS, VOWELS = "bdgkmst", "aeiou"
 PREFIXES = ("the answer is ", "i think ", "well, ")
 SUFFIXES = (" ok", " i think", " for sure")
-# Capability set: SFT data only; a policy that forgets it fails these exactly.
+# Capability set: SFT data only; a policy that forgets it fails these exactly. The answers
+# fit configs/tiny.py's 12 response tokens (the identity one is 10 and EOS).
 IDENTITY_PROMPTS = ("who are you?", "what is your name?", "introduce yourself.")
-IDENTITY_ANSWER = "I am GLM tiny, your assistant."
+IDENTITY_ANSWER = "I am GLM tiny."
 FORMAT_PROMPTS = tuple(f"reply with the word {w} only." for w in ("done", "ready", "yes"))
 CONCISE_SHARE = 0.2
 
