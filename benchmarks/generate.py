@@ -55,7 +55,7 @@ def matmul_floor_seconds(model, batch: int, steps: int, repeats: int) -> float:
     """
     matrices = []
     for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, kernel = str(path[-1]), param.value
+        name, kernel = str(path[-1]), param[...]
         if name in ("o_kernel", "down_kernel"):  # [embed, inputs...]
             matrices.append(kernel.reshape(kernel.shape[0], -1))
         elif name.endswith("kernel") or name == "lm_head":  # [outputs..., embed]
