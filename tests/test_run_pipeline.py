@@ -111,6 +111,9 @@ def test_report_numbers_match_the_stage_outputs(pipeline_run):
     window = max(1, len(curve) // 10)
     assert report["reference_reward"]["ppo"]["last_reward"] == pytest.approx(
         np.mean([r["reward"] for r in curve[-window:]]))
+    rm_test = json.loads((workdir / "rm" / "stage.json").read_text())["test"]
+    assert report["reward_model"]["rm"]["pair_length_correlation"] == pytest.approx(
+        rm_test["pair_length_correlation"])
     bayes = report["bayes_accuracy"]["test"]
     assert 0.5 < bayes < 1 and report["reward_model"]["rm"]["test_accuracy"] <= 1
 

@@ -148,5 +148,7 @@ def test_summary_of_scores_by_hand():
     all_scores = np.array([2.0, 0.5, 1.0, 3.0, 1.0, 1.5, 1.0, 0.0])
     lengths = np.array([10, 8, 6, 7, 8, 9, 6, 7])
     assert summary["length_correlation"] == pytest.approx(np.corrcoef(all_scores, lengths)[0, 1])
+    # Within pairs: score differences (1, -1, 0, 3) against length differences (2, -1, 0, 0).
+    assert summary["pair_length_correlation"] == pytest.approx(3 / np.sqrt(11 * 5))
     assert summary["per_task"]["a"]["longer_preferred"] == 1.0
     assert np.isnan(summary["per_task"]["b"]["longer_preferred"])

@@ -126,7 +126,8 @@ def write_report(workdir: str | Path, results: dict[str, Any], config: ConfigDic
     data["reward_model"] = {
         name: {"train_accuracy": results[name]["train"]["accuracy"],
                "test_accuracy": results[name]["test"]["accuracy"],
-               "longer_preferred": results[name]["test"]["longer_preferred"]}
+               "longer_preferred": results[name]["test"]["longer_preferred"],
+               "pair_length_correlation": results[name]["test"]["pair_length_correlation"]}
         for name in ("rm", "rm_unbalanced")}
     data["bayes_accuracy"] = {"test": clean["bayes_accuracy_test"],
                               "train": clean["bayes_accuracy_train"]}
@@ -233,16 +234,20 @@ def render_markdown(data: dict[str, Any]) -> str:
                        b["count_after"], b["longer_wins_after"]] for b in data["longer_wins"]])]
     parts += ["## Reward model accuracy (Table 5)",
               _table(["reward model", "train accuracy", "test accuracy",
-                      "Bayes-optimal test accuracy", "longer response scores higher (test)"],
+                      "Bayes-optimal test accuracy", "longer response scores higher (test)",
+                      "reward-length correlation (test)"],
                      [[name, rm[key]["train_accuracy"], rm[key]["test_accuracy"],
-                       bayes["test"], rm[key]["longer_preferred"]]
+                       bayes["test"], rm[key]["longer_preferred"],
+                       rm[key]["pair_length_correlation"]]
                       for key, name in (("rm", "length-balanced"),
                                         ("rm_unbalanced", "without balancing"))]),
               "The Bayes-optimal accuracy is that of a predictor that knows the annotators' "
               "noise and length bias: no reward model can expect more. The last column is, "
               "of the test pairs whose responses differ in length, the fraction where the "
               "reward model scores the longer one higher (the annotators chose the longer "
-              f"one in {data['annotators_longer_wins']:.3f} of them)."]
+              f"one in {data['annotators_longer_wins']:.3f} of them). The correlation is "
+              "within test pairs: of the reward difference with the response-length "
+              "difference (uncentred, so it does not depend on which response was chosen)."]
     wtl = data["win_tie_loss"]
     rows = []
     for name in RL_POLICIES:

@@ -128,10 +128,12 @@ def score_pairs(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], m
 def summarize_scores(scores: PairScores, task_names: list[str] | None = None
                      ) -> dict[str, Any]:
     """Pairwise accuracy, margin, score mean/std, score-length correlation (over all scored
-    sequences, so it also reflects prompt and task lengths) and `longer_preferred` (of the
-    pairs whose responses differ in length, the fraction where the longer one scores
-    higher: the length bias of the paper's 3.3); overall and per task (`task_names[i]` names
-    task index i)."""
+    sequences, so it also reflects prompt and task lengths), `pair_length_correlation` (within
+    pairs, where the prompt is shared: the uncentred correlation of the score difference with
+    the response-length difference, unchanged by which response of a pair is called chosen)
+    and `longer_preferred` (of the pairs whose responses differ in length, the fraction where
+    the longer one scores higher: the length bias of the paper's 3.3); overall and per task
+    (`task_names[i]` names task index i)."""
 
     def summary(sel: np.ndarray) -> dict[str, float]:
         chosen, rejected = scores.chosen[sel], scores.rejected[sel]
@@ -144,10 +146,13 @@ def summarize_scores(scores: PairScores, task_names: list[str] | None = None
         length_diff = scores.chosen_length[sel] - scores.rejected_length[sel]
         unequal = length_diff != 0
         longer_scores_higher = np.where(length_diff > 0, chosen > rejected, rejected > chosen)
+        score_diff = (chosen - rejected).astype(np.float64)
+        norm = np.sqrt(np.sum(score_diff ** 2) * np.sum(length_diff.astype(np.float64) ** 2))
+        pair_corr = float(np.sum(score_diff * length_diff) / norm) if norm > 0 else float("nan")
         return {"pairs": int(sel.sum()), "accuracy": float(np.mean(chosen > rejected)),
                 "margin": float(np.mean(chosen - rejected)),
                 "score_mean": float(all_scores.mean()), "score_std": float(all_scores.std()),
-                "length_correlation": corr,
+                "length_correlation": corr, "pair_length_correlation": pair_corr,
                 "longer_preferred": (float(np.mean(longer_scores_higher[unequal]))
                                      if unequal.any() else float("nan"))}
 
