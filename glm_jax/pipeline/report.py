@@ -242,8 +242,9 @@ def render_markdown(data: dict[str, Any]) -> str:
                       for key, name in (("rm", "length-balanced"),
                                         ("rm_unbalanced", "without balancing"))]),
               "The Bayes-optimal accuracy is that of a predictor that knows the annotators' "
-              "noise and length bias: no reward model can expect more. The last column is, "
-              "of the test pairs whose responses differ in length, the fraction where the "
+              "noise and length bias: no reward model can expect more. \"Longer response "
+              "scores higher\" is, of the test pairs whose responses differ in length, the "
+              "fraction where the "
               "reward model scores the longer one higher (the annotators chose the longer "
               f"one in {data['annotators_longer_wins']:.3f} of them). The correlation is "
               "within test pairs: of the reward difference with the response-length "
