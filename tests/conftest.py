@@ -26,6 +26,20 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             max_position_embeddings=256, pad_token_id=0, eos_token_id=[1])
 
 
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(spec: str):
+    """A config file of configs/ as the scripts load it (`--config configs/x.py[:preset]`)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values)
+    values(["prog", "--config", os.path.join(CONFIGS, spec)])
+    return values.config
+
+
 def make_hf_model(model_type: str = "glm", seed: int = 0, **overrides):
     """A tiny random transformers GlmForCausalLM / Glm4ForCausalLM, in eval mode.
 

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from absl import flags
-from ml_collections import ConfigDict, config_flags
+from conftest import load_config
+from ml_collections import ConfigDict
 
 from glm_jax.config import MESH_PRESETS, default_config, mesh_preset, validate_config
 from glm_jax.models.tiny import tiny_config
@@ -18,25 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.name for p in (ROOT / "configs").glob("*.py"))
 
 
-def load(spec: str) -> ConfigDict:
-    """A config file as the scripts load it (`--config configs/x.py[:preset]`)."""
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", flag_values=values)
-    values(["prog", "--config", str(ROOT / "configs" / spec)])
-    return values.config
-
-
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_every_config_file_validates(name):
     assert {"tiny.py", "small.py", "chatglm3_6b.py", "glm4_9b.py"} <= set(CONFIG_FILES)
-    validate_config(load(name))
+    validate_config(load_config(name))
 
 
 @pytest.mark.parametrize("preset,chips", [("gpu1", 1), ("gpu8", 8), ("tpu_v4_32", 16),
                                           ("tpu_v5e_256", 256)])
 def test_mesh_presets(preset, chips):
     for name in ("chatglm3_6b.py", "glm4_9b.py"):
-        mesh = load(f"{name}:{preset}").mesh
+        mesh = load_config(f"{name}:{preset}").mesh
         assert math.prod(mesh.values()) == chips and dict(mesh) == MESH_PRESETS[preset]
     with pytest.raises(ValueError, match="unknown mesh preset 'tpu_v9'.*gpu8"):
         mesh_preset("tpu_v9")
@@ -44,7 +36,7 @@ def test_mesh_presets(preset, chips):
 
 def test_large_configs_follow_the_paper():
     for name, template in (("chatglm3_6b.py", "chatglm3"), ("glm4_9b.py", "glm4")):
-        config = load(name)
+        config = load_config(name)
         assert config.data.template == template
         assert config.model.init_checkpoint  # never a silent random model
         assert config.model.dtype == "bfloat16" and config.model.param_dtype == "float32"
@@ -53,7 +45,7 @@ def test_large_configs_follow_the_paper():
 
 
 def test_small_config_builds_its_model_on_the_cpu_mesh():
-    config = load("small.py")
+    config = load_config("small.py")
     mesh = mesh_from_config(config)
     assert mesh.shape["fsdp"] == 8
     model = model_from_config(config, "lm", mesh)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ml_collections import config_flags
+from conftest import load_config
 
 from glm_jax.pipeline.report import SECTIONS
 from glm_jax.pipeline.run import Pipeline, run_pipeline
@@ -24,13 +24,9 @@ ABLATION_STEPS = 3
 
 
 def reduced_config():
-    from absl import flags
-
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", flag_values=values)
-    values(["prog", "--config", str(ROOT / "configs" / "tiny.py")])
-    values.config.pipeline.ablation_steps = ABLATION_STEPS
-    return values.config
+    config = load_config("tiny.py")
+    config.pipeline.ablation_steps = ABLATION_STEPS
+    return config
 
 
 def lines(path):

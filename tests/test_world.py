@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import load_config
 
 from glm_jax.data.cleaning import drop_cycles, drop_ties
 from glm_jax.pipeline.world import (
@@ -147,16 +148,9 @@ def test_preference_probability_is_the_annotator_model():
 def test_every_demonstration_fits_the_tiny_configs_response_limit(world):
     """A cut demonstration is learned cut: the identity answer was once 16 tokens against
     configs/tiny.py's 12, and no policy could ever answer it right."""
-    import importlib.util
-    from pathlib import Path
-
     from glm_jax.pipeline.run import check_responses_fit
 
-    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-    spec = importlib.util.spec_from_file_location("tiny_config", tiny)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("tiny.py")
     check_responses_fit(world.sft, config)
     config.data.max_response_tokens = 10
     with pytest.raises(ValueError, match=r"max_response_tokens = 10 cuts the world's identity "
