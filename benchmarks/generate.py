@@ -55,11 +55,14 @@ def matmul_floor_seconds(model, batch: int, steps: int, repeats: int) -> float:
     """
     matrices = []
     for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, kernel = str(path[-1]), param[...]
-        if name in ("o_kernel", "down_kernel"):  # [embed, inputs...]
-            matrices.append(kernel.reshape(kernel.shape[0], -1))
-        elif name.endswith("kernel") or name == "lm_head":  # [outputs..., embed]
-            matrices.append(kernel.reshape(-1, kernel.shape[-1]))
+        name = str(path[-1])
+        # Stacked layer parameters hold one kernel per layer on their leading axis.
+        kernels = list(param[...]) if "layers" in path else [param[...]]
+        for kernel in kernels:
+            if name in ("o_kernel", "down_kernel"):  # [embed, inputs...]
+                matrices.append(kernel.reshape(kernel.shape[0], -1))
+            elif name.endswith("kernel") or name == "lm_head":  # [outputs..., embed]
+                matrices.append(kernel.reshape(-1, kernel.shape[-1]))
 
     @jax.jit
     def decode_matmuls(matrices):

@@ -42,8 +42,18 @@ def default_config() -> ConfigDict:
     config.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     # init_checkpoint: a Hugging Face / ChatGLM directory; empty means a fresh random tiny model
     # whose fields `tiny` may override (glm_jax.models.tiny.tiny_config).
-    config.model = ConfigDict(dict(init_checkpoint="", dtype="float32", param_dtype="float32",
-                                   tiny=ConfigDict()))
+    # Precision: dtype is the compute dtype, param_dtype the trained models' master weights;
+    # frozen_dtype the frozen models' weights (PPO / DPO reference, reward model in PPO, DPO
+    # and rejection sampling; "" = param_dtype); moment_dtype the optimizer's Adam moments.
+    # How the programs run at scale: remat is the layer body's rematerialisation ("none",
+    # "full", "save_dots"); scan_layers runs the layers under lax.scan (compile time
+    # independent of depth); attention is "auto" (cuDNN flash attention on GPU in bf16, else
+    # plain for short sequences and blockwise beyond), "dense", "blockwise", "cudnn" or "xla";
+    # vocab_chunk is how many positions' float32 logits exist at once in training programs.
+    config.model = ConfigDict(dict(
+        init_checkpoint="", dtype="float32", param_dtype="float32", frozen_dtype="",
+        moment_dtype="float32", remat="none", scan_layers=True, attention="auto",
+        vocab_chunk=512, tiny=ConfigDict()))
     # tokenizer: a directory with tokenizer.json / tokenizer.model; empty means the init
     # checkpoint's, or the bundled tiny tokenizer.
     config.data = ConfigDict(dict(tokenizer="", template="glm4", max_prompt_tokens=64,
@@ -158,12 +168,15 @@ def mesh_preset(name: str) -> ConfigDict:
 
 def paper_recipe(config: ConfigDict) -> ConfigDict:
     """The paper's settings for a 6B-9B policy on a pod (section 3.4): bfloat16 compute with
-    float32 master weights, 1024-token prompts and responses, policy and critic learning
+    float32 master weights and moments (the frozen reference and reward model in bfloat16,
+    layers rematerialised), 1024-token prompts and responses, policy and critic learning
     rate 1e-6, no reward or advantage whitening (the reference reward keeps PPO stable),
     ~700 PPO iterations, the SFT loss on for capability retention. Changes `config` in place
     and returns it."""
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "float32"
+    config.model.frozen_dtype = "bfloat16"
+    config.model.remat = "full"
     config.data.max_prompt_tokens = 1024
     config.data.max_response_tokens = 1024
     config.sft.update(dict(batch_size=64, num_steps=2000, learning_rate=1e-5,

@@ -34,6 +34,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("norm", None),  # norm scales are tiny; replicating them avoids an all-gather per layer
     ("cache_length", None),
+    ("layers", None),  # stacked layers (scan): every device holds its shard of every layer
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 
@@ -131,10 +132,15 @@ def _logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
 
 
 def state_shardings(state: Any, mesh: Mesh) -> Any:
-    """A pytree of NamedShardings matching an nnx State (abstract or concrete)."""
+    """A pytree of NamedShardings matching an nnx State, or any pytree holding Variables (an
+    optimizer state, whose moments are Variables with their parameter's axes), abstract or
+    concrete: a Variable is placed by its logical axes, any other leaf (a step count)
+    replicated."""
 
-    def sharding(variable: nnx.Variable) -> NamedSharding:
-        return NamedSharding(mesh, logical_to_spec(_logical_axes_of(variable)))
+    def sharding(leaf: Any) -> NamedSharding:
+        if isinstance(leaf, nnx.Variable):
+            return NamedSharding(mesh, logical_to_spec(_logical_axes_of(leaf)))
+        return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -40,9 +40,9 @@ def test_resuming_with_another_model_is_refused_and_keeps_the_checkpoint(rm_work
                            eval_file="")
     other.model.tiny.intermediate_size = 96
     with pytest.raises(ValueError, match=r"checkpoints/2 was written by a run with a different "
-                                         r"model or optimizer config.*: params\.model\.layers\.0\."
-                                         r"mlp\.down_kernel\.value is float32\[64, 128\] there "
-                                         r"and float32\[64, 96\] here"):
+                                         r"model or optimizer config.*: params\.model\.layers\."
+                                         r"mlp\.down_kernel\.value is float32\[2, 64, 128\] "
+                                         r"there and float32\[2, 64, 96\] here"):
         train_reward_model(other, workdir)
     assert saved == {p.relative_to(workdir): p.read_bytes()
                      for p in (workdir / "checkpoints").rglob("*") if p.is_file()}

@@ -63,9 +63,9 @@ def eos_reward_model():
     """
     config = tiny_config()
     model = GlmRewardModel(config, rngs=nnx.Rngs(0))
-    for layer in model.model.layers:
-        layer.self_attn.o_kernel[...] = jnp.zeros_like(layer.self_attn.o_kernel[...])
-        layer.mlp.down_kernel[...] = jnp.zeros_like(layer.mlp.down_kernel[...])
+    layers = model.model.layers  # every layer's parameters, stacked
+    layers.self_attn.o_kernel[...] = jnp.zeros_like(layers.self_attn.o_kernel[...])
+    layers.mlp.down_kernel[...] = jnp.zeros_like(layers.mlp.down_kernel[...])
     sign = np.full((config.vocab_size, 1), -1.0, np.float32)
     sign[list(config.eos_token_id)] = 1.0
     model.model.embed_tokens[...] = jnp.asarray(sign * np.ones((1, config.hidden_size)))

@@ -128,7 +128,7 @@ def test_chatglm_checkpoint_loads(hf_checkpoint, tmp_path, weights):
 def test_bfloat16_params_and_compute(hf_checkpoint):
     reference, path = hf_checkpoint("glm")
     model = glm_jax.from_pretrained(path, dtype="bfloat16")
-    assert model.model.layers[0].mlp.up_kernel[...].dtype == jnp.bfloat16
+    assert model.model.layers.mlp.up_kernel[...].dtype == jnp.bfloat16
     ids = random_ids(2, 10, seed=7)
     logits = model(ids)
     assert logits.dtype == jnp.float32  # log-probs are always taken in float32

@@ -8,12 +8,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 import glm_jax
+from glm_jax.models import GlmConfig, GlmForCausalLM, GlmValueModel
 from glm_jax.sharding import (
     MeshConfig,
     bytes_per_device,
     check_model_fits_mesh,
     logical_to_spec,
     make_mesh,
+    shard_state,
 )
 
 # Heads, kv heads, intermediate and vocab divisible by tensor=4; hidden by fsdp=8.
@@ -59,8 +61,8 @@ def test_logits_and_gradients_equal_on_every_mesh(reference, shape):
     for (key, a), (_, b) in zip(nnx.to_flat_state(g), nnx.to_flat_state(grads), strict=True):
         np.testing.assert_allclose(a[...], b[...], atol=1e-5, rtol=1e-4, err_msg=str(key))
     # The parameters really are laid out by the rules table.
-    q = model.model.layers[0].self_attn.q_kernel[...]
-    assert q.sharding.spec == logical_to_spec(("heads", "head_dim", "embed"))
+    q = model.model.layers.self_attn.q_kernel[...]
+    assert q.sharding.spec == logical_to_spec(("layers", "heads", "head_dim", "embed"))
     assert len(q.sharding.device_set) == len(devices)
 
 
@@ -125,3 +127,34 @@ def test_from_pretrained_checks_the_mesh(hf_checkpoint):
     _, path = hf_checkpoint("glm")  # 4 heads, 2 kv heads
     with pytest.raises(ValueError, match="num_key_value_heads = 2"):
         glm_jax.from_pretrained(path, mesh=make_mesh(MeshConfig(2, 1, 4)))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2)])
+def test_optimizer_state_is_sharded_like_the_parameters(shape):
+    from glm_jax.train.ppo import init_ppo_state
+    from glm_jax.train.state import init_train_state, make_optimizer
+
+    config = GlmConfig(vocab_size=1024, hidden_size=256, intermediate_size=512,
+                       num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                       head_dim=32)
+    mesh = make_mesh(MeshConfig(*shape))
+    tx, _ = make_optimizer(learning_rate=1e-3, num_steps=10)
+    with jax.set_mesh(mesh):
+        model = GlmForCausalLM(config, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        model = nnx.merge(graphdef, shard_state(params, mesh))
+        _, state = init_train_state(model, tx)
+        graphdef, critic_params = nnx.split(GlmValueModel(config, rngs=nnx.Rngs(1)))
+        critic = nnx.merge(graphdef, shard_state(critic_params, mesh))
+        _, _, ppo_state = init_ppo_state(model, critic, tx, tx, 0.1)
+    for opt_state in (state.opt_state, ppo_state.opt_state, ppo_state.critic_opt_state):
+        leaves = jax.tree.leaves(opt_state)
+        total = sum(leaf.nbytes for leaf in leaves)
+        per_device = bytes_per_device(leaves)
+        assert len(per_device) == 8
+        # Adam's two moments, each split over fsdp x tensor = 8 devices like its parameter;
+        # replicated they would be 8x this.
+        assert max(per_device.values()) <= 1.05 * total / 8
+    mu = state.opt_state[1][0].mu
+    assert (mu["model"]["layers"]["self_attn"]["q_kernel"][...].sharding.spec
+            == logical_to_spec(("layers", "heads", "head_dim", "embed")))

@@ -230,13 +230,15 @@ class TensorReader:
 
 
 Path_ = tuple[Any, ...]
+LAYERS: Path_ = ("model", "layers")  # the stacked decoder layers, in every head
 Recipe = tuple[tuple[tuple[str, tuple[int, ...]], ...], Callable[..., np.ndarray]]
 
 
 def _layer_recipes(config: GlmConfig, model_type: str, i: int) -> dict[Path_, Recipe]:
+    """Layer i's slice of each stacked layer parameter (keyed by the stacked path)."""
     e, h, k, d, m = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                      config.head_dim, config.intermediate_size)
-    ours = ("model", "layers", i)
+    ours = LAYERS
     recipes: dict[Path_, Recipe] = {}
 
     def linear_in(name: str, heads: int, rows: slice | None = None, total: int | None = None):
@@ -294,11 +296,8 @@ def _backbone_recipes(config: GlmConfig, model_type: str) -> dict[Path_, Recipe]
             "transformer.encoder.final_layernorm.weight"
     else:
         embed, norm = "model.embed_tokens.weight", "model.norm.weight"
-    recipes = {("model", "embed_tokens"): (((embed, (v, e)),), _same),
-               ("model", "norm", "weight"): (((norm, (e,)),), _same)}
-    for i in range(config.num_hidden_layers):
-        recipes.update(_layer_recipes(config, model_type, i))
-    return recipes
+    return {("model", "embed_tokens"): (((embed, (v, e)),), _same),
+            ("model", "norm", "weight"): (((norm, (e,)),), _same)}
 
 
 def _lm_head_recipe(config: GlmConfig, model_type: str) -> Recipe:
@@ -309,18 +308,43 @@ def _lm_head_recipe(config: GlmConfig, model_type: str) -> Recipe:
 # ----------------------------------------------------------------------------- public API
 
 
-def _place(array: np.ndarray, variable: nnx.Variable, mesh: Mesh | None) -> jax.Array:
-    if mesh is None:
+def _sharding(variable: nnx.Variable, mesh: Mesh, drop_leading: bool = False
+              ) -> NamedSharding:
+    axes = tuple(variable.get_metadata().get("logical_axes", ()))
+    return NamedSharding(mesh, logical_to_spec(axes[1:] if drop_leading else axes))
+
+
+def _place(array: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
+    if sharding is None:
         return jax.device_put(array)
-    spec = logical_to_spec(variable.get_metadata().get("logical_axes", ()))
-    sharding = NamedSharding(mesh, spec)
     # Each device receives only its own slice of the host tensor.
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def _stack_on_device(layers: list[jax.Array], sharding: NamedSharding | None) -> jax.Array:
+    """The per-layer arrays (each already on its shards) as one stacked array: one layer's
+    tensor at a time is on the host, and on each device the stacked shard is built from the
+    layers' shards without any gather."""
+    stack = jax.jit(lambda *xs: jax.numpy.stack(xs), out_shardings=sharding)
+    return stack(*layers)
+
+
+def read_config(path: str | os.PathLike, **overrides: Any) -> GlmConfig:
+    """The GlmConfig of checkpoint directory `path` (its config.json only, no weights), with
+    `overrides` (dtype, param_dtype, remat, ...)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path}: config.json is missing; a Hugging Face checkpoint "
+                                "directory needs config.json next to its weights")
+    return config_from_hf(_read_json(config_file), config_file, **overrides)
+
+
 def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
                     param_dtype: str | None = None, mesh: Mesh | None = None, head: str = "lm",
-                    seed: int = 0) -> nnx.Module:
+                    seed: int = 0, **overrides: Any) -> nnx.Module:
     """Loads a Hugging Face GLM / GLM-4 / ChatGLM2-3 checkpoint directory.
 
     Args:
@@ -331,18 +355,14 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
       head: "lm" (GlmForCausalLM), or "reward" / "value" to start a reward model or critic
         from a language-model checkpoint (the backbone is loaded, the scalar head initialised
         from `seed`).
+      overrides: other GlmConfig fields that say how the model runs (remat, scan_layers,
+        attention, vocab_chunk).
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{path}: config.json is missing; a Hugging Face checkpoint "
-                                "directory needs config.json next to its weights")
     if head not in HEADS:
         raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
-    raw = _read_json(config_file)
-    config = config_from_hf(raw, config_file, dtype=dtype, param_dtype=param_dtype or dtype)
+    path = Path(path)
+    config = read_config(path, dtype=dtype, param_dtype=param_dtype or dtype, **overrides)
+    raw = _read_json(path / "config.json")
     if mesh is not None:
         check_model_fits_mesh(config, mesh)
     reader = TensorReader(path)
@@ -359,44 +379,64 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
         recipes[("head_bias",)] = ((), lambda: np.zeros((), np.float32))
     np_dtype = _NP_DTYPES[config.param_dtype]
 
-    flat = nnx.to_flat_state(state)
-    for key, variable in tqdm(flat, desc=f"loading {path.name}", unit="tensor", leave=False):
-        sources, transform = recipes[key]
-        array = transform(*(reader.get(name, shape) for name, shape in sources))
+    def build(recipe: Recipe, shape: tuple[int, ...]) -> np.ndarray:
+        sources, transform = recipe
+        array = transform(*(reader.get(name, source_shape) for name, source_shape in sources))
         array = np.array(array, dtype=np_dtype, order="C")
-        if array.shape != variable.shape:  # a recipe bug, never a user error
-            raise AssertionError(f"{key}: built {array.shape}, expected {variable.shape}")
-        variable.set_value(_place(array, variable, mesh))
+        if array.shape != shape:  # a recipe bug, never a user error
+            raise AssertionError(f"built {array.shape}, expected {shape}")
+        return array
+
+    flat = nnx.to_flat_state(state)
+    layers = range(config.num_hidden_layers)
+    layer_recipes = [_layer_recipes(config, raw["model_type"], i) for i in layers]
+    for key, variable in tqdm(flat, desc=f"loading {path.name}", unit="tensor", leave=False):
+        if key[:len(LAYERS)] == LAYERS:  # stacked: one layer's tensor on the host at a time
+            sharding = None if mesh is None else _sharding(variable, mesh, drop_leading=True)
+            value = _stack_on_device(
+                [_place(build(layer_recipes[i][key], variable.shape[1:]), sharding)
+                 for i in layers], None if mesh is None else _sharding(variable, mesh))
+        else:
+            value = _place(build(recipes[key], variable.shape),
+                           None if mesh is None else _sharding(variable, mesh))
+        variable.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _hf_tensors(config: GlmConfig, flat: dict[Path_, Any]) -> Iterator[tuple[str, Callable]]:
     """(HF name, thunk producing the float32 numpy tensor) in transformers' GLM layout."""
 
-    def host(key: Path_) -> np.ndarray:
-        return np.asarray(jax.device_get(flat[key][...]), dtype=np.float32)
+    def host(key: Path_, layer: int | None = None) -> np.ndarray:
+        value = flat[key][...]
+        if layer is not None:  # one layer of a stacked parameter, sliced before the transfer
+            value = value[layer]
+        return np.asarray(jax.device_get(value), dtype=np.float32)
 
     e = config.hidden_size
     yield "model.embed_tokens.weight", lambda: host(("model", "embed_tokens"))
     for i in range(config.num_hidden_layers):
-        ours, hf = ("model", "layers", i), f"model.layers.{i}"
+        hf = f"model.layers.{i}"
+
+        def layer(*name: str, i: int = i) -> np.ndarray:
+            return host((*LAYERS, *name), i)
+
+        # Every thunk binds this layer's `layer` (they are called after the loop has moved on).
         norms = ["input_layernorm", "post_attention_layernorm"]
         if config.use_post_norms:
             norms += ["post_self_attn_layernorm", "post_mlp_layernorm"]
         for norm in norms:
-            yield f"{hf}.{norm}.weight", lambda k=(*ours, norm, "weight"): host(k)
+            yield f"{hf}.{norm}.weight", lambda n=norm, f=layer: f(n, "weight")
         for p in ("q", "k", "v"):
-            kernel = (*ours, "self_attn", f"{p}_kernel")
-            yield f"{hf}.self_attn.{p}_proj.weight", lambda k=kernel: host(k).reshape(-1, e)
+            yield (f"{hf}.self_attn.{p}_proj.weight",
+                   lambda p=p, f=layer: f("self_attn", f"{p}_kernel").reshape(-1, e))
             if config.attention_bias:
-                b = (*ours, "self_attn", f"{p}_bias")
-                yield f"{hf}.self_attn.{p}_proj.bias", lambda k=b: host(k).reshape(-1)
-        o = (*ours, "self_attn", "o_kernel")
-        yield f"{hf}.self_attn.o_proj.weight", lambda k=o: host(k).reshape(e, -1)
-        mlp = (*ours, "mlp")
-        yield f"{hf}.mlp.gate_up_proj.weight", lambda k=mlp: np.concatenate(
-            [host((*k, "gate_kernel")), host((*k, "up_kernel"))])
-        yield f"{hf}.mlp.down_proj.weight", lambda k=mlp: host((*k, "down_kernel"))
+                yield (f"{hf}.self_attn.{p}_proj.bias",
+                       lambda p=p, f=layer: f("self_attn", f"{p}_bias").reshape(-1))
+        yield (f"{hf}.self_attn.o_proj.weight",
+               lambda f=layer: f("self_attn", "o_kernel").reshape(e, -1))
+        yield f"{hf}.mlp.gate_up_proj.weight", lambda f=layer: np.concatenate(
+            [f("mlp", "gate_kernel"), f("mlp", "up_kernel")])
+        yield f"{hf}.mlp.down_proj.weight", lambda f=layer: f("mlp", "down_kernel")
     yield "model.norm.weight", lambda: host(("model", "norm", "weight"))
     yield "lm_head.weight", lambda: host(("lm_head",))
 

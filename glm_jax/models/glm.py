@@ -21,9 +21,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from glm_jax.models.attention import IMPLEMENTATIONS, attention
 from glm_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Rematerialisation of the layer body in the backward pass (`GlmConfig.remat`): "none" keeps
+# every activation; "full" keeps only each layer's input and recomputes the rest; "save_dots"
+# keeps the matmul outputs (no batch dims: the projections and MLP, not attention's scores)
+# and recomputes the cheap elementwise work in between.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +60,17 @@ class GlmConfig:
     eos_token_id: tuple[int, ...] = (1,)
     dtype: str = "float32"  # compute dtype; softmax, norms and log-probs always run in float32
     param_dtype: str = "float32"
+    # How the program runs, not what the model is (never written to a Hugging Face config):
+    # scan_layers runs the stacked layers under `lax.scan` (compile time independent of depth)
+    # rather than unrolled; remat is the rematerialisation policy of the layer body (REMAT).
+    scan_layers: bool = True
+    remat: str = "none"
+    # The attention kernel (glm_jax.models.attention.attention): "auto", "dense",
+    # "blockwise", "cudnn" or "xla".
+    attention: str = "auto"
+    # Positions per chunk when training programs compute log-probs from hidden states: the
+    # float32 logits exist for [batch, vocab_chunk, vocab] at a time, never the whole sequence.
+    vocab_chunk: int = 512
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
@@ -57,6 +79,11 @@ class GlmConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads = {self.num_attention_heads} is not a multiple "
                              f"of num_key_value_heads = {self.num_key_value_heads}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention = {self.attention!r}; choose one of "
+                             f"{', '.join(IMPLEMENTATIONS)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat = {self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
             raise ValueError(f"partial_rotary_factor = {self.partial_rotary_factor} with "
                              f"head_dim = {self.head_dim} gives an invalid rotary dim "
@@ -80,29 +107,29 @@ class GlmConfig:
 
 @struct.dataclass
 class KVCache:
-    """Static-size key/value cache, one entry per layer.
+    """Static-size key/value cache, stacked over layers like the parameters.
 
-    keys, values: per layer `[batch, max_length, num_kv_heads, head_dim]`.
+    keys, values: `[layers, batch, max_length, num_kv_heads, head_dim]`.
     mask: `[batch, max_length]` bool, which slots hold a real token.
     index: int32 scalar, the next slot to write.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     mask: jax.Array
     index: jax.Array
 
     @classmethod
     def init(cls, config: GlmConfig, batch_size: int, max_length: int) -> KVCache:
-        shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
-        axes = ("batch", "cache_length", "kv_heads", "head_dim")
+        shape = (config.num_hidden_layers, batch_size, max_length, config.num_key_value_heads,
+                 config.head_dim)
+        axes = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 
         def zeros() -> jax.Array:
             return constrain(jnp.zeros(shape, config.compute_dtype), axes)
 
-        layers = range(config.num_hidden_layers)
-        return cls(keys=tuple(zeros() for _ in layers), values=tuple(zeros() for _ in layers),
-                   mask=jnp.zeros((batch_size, max_length), bool), index=jnp.zeros((), jnp.int32))
+        return cls(keys=zeros(), values=zeros(), mask=jnp.zeros((batch_size, max_length), bool),
+                   index=jnp.zeros((), jnp.int32))
 
 
 def _param(rngs: nnx.Rngs, init: Any, shape: Sequence[int], axes: Sequence[str | None],
@@ -166,9 +193,12 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, kv_mask: jax.Array,
                  cache_kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
                  segment_ids: jax.Array | None = None,
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x: `[batch, length, embed]` -> (`[batch, length, embed]`, updated layer cache).
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x: `[batch, length, embed]` -> (`[batch, length, embed]`, (keys, values) of these
+        tokens `[batch, length, kv_heads, head_dim]`, for the caller's cache).
 
+        cache_kv: this layer's cached (keys, values) `[batch, max_length, kv_heads, head_dim]`
+        or None; the new tokens are attended at slots `cache_index...` of a local copy.
         kv_mask: `[batch, kv_length]` real-token mask over the keys (the cache slots when
         cached); causality is by slot: the query written at slot i sees slots <= i.
         segment_ids: optional `[batch, length]` int (uncached only); a query sees only keys of
@@ -180,6 +210,7 @@ class Attention(nnx.Module):
         v = constrain(self._project(x, "v"), ("batch", "length", "kv_heads", "head_dim"))
         q = apply_rotary(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = apply_rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
+        new_kv = (k, v)
 
         length = x.shape[1]
         if cache_kv is None:
@@ -188,25 +219,17 @@ class Attention(nnx.Module):
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
-            cache_kv = (k, v)
             q_slots = cache_index + jnp.arange(length)
-        kv_slots = jnp.arange(k.shape[1])
-        mask = kv_mask[:, None, :] & (kv_slots[None, None, :] <= q_slots[None, :, None])
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-
-        groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        q = q.reshape(*q.shape[:2], cfg.num_key_value_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * cfg.head_dim**-0.5
-        # A finite floor (not -inf) keeps fully-masked rows (left padding) free of NaNs.
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        out = out.reshape(*out.shape[:2], cfg.num_attention_heads, cfg.head_dim)
+        implementation = cfg.attention
+        if cache_kv is not None and length == 1 and implementation == "auto":
+            # One query per row: its [kv_length] scores are small, and the plain form is the
+            # cheapest decode step.
+            implementation = "dense"
+        out = attention(q, k, v, q_slots=q_slots, kv_mask=kv_mask, segment_ids=segment_ids,
+                        implementation=implementation)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         out = jnp.einsum("bthd,ehd->bte", out, self.o_kernel[...].astype(cfg.compute_dtype))
-        return out, cache_kv
+        return out, new_kv
 
 
 class MLP(nnx.Module):
@@ -240,8 +263,10 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, kv_mask: jax.Array,
                  cache_kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
                  segment_ids: jax.Array | None = None,
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        attn, cache_kv = self.self_attn(self.input_layernorm(x), positions, kv_mask, cache_kv,
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One pre-norm block: `[batch, length, embed]` -> (same, this layer's new keys and
+        values; see `Attention`)."""
+        attn, new_kv = self.self_attn(self.input_layernorm(x), positions, kv_mask, cache_kv,
                                         cache_index, segment_ids)
         if self.use_post_norms:
             attn = self.post_self_attn_layernorm(attn)
@@ -250,7 +275,7 @@ class DecoderLayer(nnx.Module):
         if self.use_post_norms:
             mlp = self.post_mlp_layernorm(mlp)
         x = constrain(x + mlp, ("batch", "length", "act_embed"))
-        return x, cache_kv
+        return x, new_kv
 
 
 def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
@@ -286,8 +311,10 @@ class GlmModel(nnx.Module):
         self.embed_tokens = _param(rngs, nnx.initializers.normal(config.initializer_range),
                                    (config.vocab_size, config.hidden_size), ("vocab", "embed"),
                                    config)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs)
-                                for _ in range(config.num_hidden_layers)])
+        # One DecoderLayer whose parameters carry a leading `layers` axis. Each layer is
+        # initialised on its own, in order, so a seed gives the same weights as before stacking.
+        self.layers = stack_layers([DecoderLayer(config, rngs=rngs)
+                                    for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -321,15 +348,59 @@ class GlmModel(nnx.Module):
         dtype = self.config.compute_dtype
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = layer(x, positions, kv_mask, layer_cache,
-                                   None if cache is None else cache.index, segment_ids)
-            if cache is not None:
-                keys.append(layer_cache[0])
-                values.append(layer_cache[1])
-        if cache is not None:
-            cache = KVCache(keys=tuple(keys), values=tuple(values), mask=kv_mask,
-                            index=cache.index + input_ids.shape[1])
+        index = None if cache is None else cache.index
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x: jax.Array, params: Any, layer_kv: Any) -> tuple[jax.Array, Any]:
+            return nnx.merge(graphdef, params)(x, positions, kv_mask, layer_kv, index,
+                                               segment_ids)
+
+        policy = REMAT_POLICIES[self.config.remat]
+        if policy is not None:
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.config.scan_layers)
+        if cache is None:
+            if self.config.scan_layers:
+                x, _ = jax.lax.scan(lambda x, params: (layer(x, params, None)[0], None), x,
+                                    stacked)
+            else:
+                for i in range(self.config.num_hidden_layers):
+                    x, _ = layer(x, jax.tree.map(lambda p, i=i: p[i], stacked), None)
+            return self.norm(x), None
+
+        # Cached: the whole stacked cache is carried and only the new tokens' keys and values
+        # are written into it (in place), never a copy of the cache per layer.
+        def cached_layer(carry, xs):
+            x, keys, values = carry
+            params, i = xs
+            x, (k, v) = layer(x, params, (keys[i], values[i]))
+            start = (i, 0, cache.index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), start)
+            values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), start)
+            return (x, keys, values), None
+
+        carry = (x, cache.keys, cache.values)
+        layer_ids = jnp.arange(self.config.num_hidden_layers)
+        if self.config.scan_layers:
+            carry, _ = jax.lax.scan(cached_layer, carry, (stacked, layer_ids))
+        else:
+            for i in range(self.config.num_hidden_layers):
+                carry, _ = cached_layer(carry, (jax.tree.map(lambda p, i=i: p[i], stacked), i))
+        x, keys, values = carry
+        cache = KVCache(keys=keys, values=values, mask=kv_mask,
+                        index=cache.index + input_ids.shape[1])
         return self.norm(x), cache
+
+
+def stack_layers(layers: Sequence[DecoderLayer]) -> DecoderLayer:
+    """One DecoderLayer holding the parameters of `layers`, each stacked on a new leading
+    `layers` logical axis (replicated: every device holds every layer's shard)."""
+    graphdef, first = nnx.split(layers[0])
+    states = [first, *(nnx.state(layer) for layer in layers[1:])]
+
+    def stack(*variables: nnx.Variable) -> nnx.Variable:
+        axes = variables[0].get_metadata().get("logical_axes", (None,) * variables[0].ndim)
+        return variables[0].replace(jnp.stack([v[...] for v in variables]),
+                                    logical_axes=("layers", *axes))
+
+    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, stacked)

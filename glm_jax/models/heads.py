@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm_jax.losses import chunked_token_logprobs
 from glm_jax.models.glm import GlmConfig, GlmModel, KVCache, _param
 from glm_jax.sharding import constrain
 
@@ -27,6 +28,16 @@ class GlmForCausalLM(nnx.Module):
         """hidden `[..., embed]` -> float32 logits `[..., vocab]`."""
         kernel = self.lm_head[...].astype(self.config.compute_dtype)
         return jnp.einsum("...e,ve->...v", hidden, kernel, preferred_element_type=jnp.float32)
+
+    def token_logprobs(self, hidden: jax.Array, tokens: jax.Array, *, with_entropy: bool = False
+                       ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """float32 log pi(tokens) `[batch, length]` (and the per-token entropy) from hidden
+        states `[batch, length, embed]` aligned with `tokens` (the caller shifts), computed
+        `config.vocab_chunk` positions at a time: what training programs use instead of
+        `logits`, whose `[batch, length, vocab]` float32 array would not fit at real sizes."""
+        kernel = self.lm_head[...].astype(self.config.compute_dtype)
+        return chunked_token_logprobs(hidden, kernel, tokens, chunk_size=self.config.vocab_chunk,
+                                      with_entropy=with_entropy)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  cache: KVCache | None = None, segment_ids: jax.Array | None = None

@@ -129,10 +129,13 @@ def _is_variable(x: Any) -> bool:
 
 
 def load_trained_model(workdir: str | Path, model_cls: type[nnx.Module],
-                       mesh: Mesh | None = None, step: int | None = None) -> nnx.Module:
+                       mesh: Mesh | None = None, step: int | None = None,
+                       overrides: dict[str, Any] | None = None) -> nnx.Module:
     """The `model_cls` trained in `workdir` (its latest checkpoint unless `step`), with
-    parameters only (no optimizer state), sharded over `mesh` if given."""
-    config = load_model_config(workdir)
+    parameters only (no optimizer state), sharded over `mesh` if given. `overrides` change
+    fields of its model config: how it runs (remat, ...) and its dtypes (the parameters are
+    cast to `param_dtype` as they are read)."""
+    config = load_model_config(workdir).replace(**(overrides or {}))
     graphdef, params = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0))))
     if mesh is not None:
         shardings = state_shardings(params, mesh)  # one NamedSharding per Variable

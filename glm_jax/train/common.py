@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 from flax import nnx
@@ -12,7 +13,8 @@ from ml_collections import ConfigDict
 
 from glm_jax.data.records import PromptExample, read_jsonl
 from glm_jax.data.tokenizer import CHATGLM3_TEMPLATE, GLM4_TEMPLATE, ChatTemplate, Tokenizer
-from glm_jax.models.convert import HEADS, from_pretrained
+from glm_jax.models.convert import HEADS, from_pretrained, read_config
+from glm_jax.models.glm import GlmConfig
 from glm_jax.models.heads import GlmRewardModel
 from glm_jax.models.tiny import tiny_config
 from glm_jax.sharding import (
@@ -50,20 +52,46 @@ def tokenizer_from_config(config: ConfigDict) -> Tokenizer:
     return Tokenizer.tiny()
 
 
+RUNTIME_FIELDS = ("remat", "scan_layers", "attention", "vocab_chunk")
+
+
+def runtime_overrides(config: ConfigDict) -> dict[str, Any]:
+    """The GlmConfig fields that say how a program runs (remat, scanned layers, attention,
+    vocabulary chunk), from config.model: they apply to every model a stage builds or loads."""
+    return {name: config.model[name] for name in RUNTIME_FIELDS}
+
+
+def frozen_overrides(config: ConfigDict) -> dict[str, Any]:
+    """GlmConfig overrides for a frozen model (reference policy, reward model): the run's
+    compute dtype and runtime fields, weights in config.model.frozen_dtype when set."""
+    dtype = config.model.frozen_dtype or config.model.param_dtype
+    return {**runtime_overrides(config), "dtype": config.model.dtype, "param_dtype": dtype}
+
+
 def model_from_config(config: ConfigDict, head: str, mesh: Mesh) -> nnx.Module:
     """`head` ("lm", "reward", "value") from config.model.init_checkpoint, or a fresh tiny
     model (config.model.tiny overrides its fields) when no checkpoint is given."""
+    glm_config = model_config_from_config(config)
     model_cfg = config.model
     if model_cfg.init_checkpoint:
         return from_pretrained(model_cfg.init_checkpoint, dtype=model_cfg.dtype,
                                param_dtype=model_cfg.param_dtype, mesh=mesh, head=head,
-                               seed=config.seed)
-    glm_config = tiny_config(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
-                             **model_cfg.get("tiny", {}))
+                               seed=config.seed, **runtime_overrides(config))
     check_model_fits_mesh(glm_config, mesh)
     model = HEADS[head](glm_config, rngs=nnx.Rngs(config.seed))
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, shard_state(state, mesh))
+
+
+def model_config_from_config(config: ConfigDict) -> GlmConfig:
+    """The GlmConfig of config.model: the init checkpoint's config.json (read alone, no
+    weights), or the tiny model's; with the run's dtypes and runtime fields."""
+    model_cfg = config.model
+    fields = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+                  **runtime_overrides(config))
+    if model_cfg.init_checkpoint:
+        return read_config(model_cfg.init_checkpoint, **fields)
+    return tiny_config(**fields, **model_cfg.get("tiny", {}))
 
 
 def save_tokenizer(tokenizer: Tokenizer, workdir: str | Path) -> None:
@@ -108,10 +136,12 @@ def read_prompts(path: str, field: str, on_error: str = "raise") -> list[PromptE
     return prompts
 
 
-def load_reward_model(path: str, field: str, vocab_size: int, mesh: Mesh) -> GlmRewardModel:
+def load_reward_model(path: str, field: str, vocab_size: int, mesh: Mesh,
+                      overrides: dict[str, Any] | None = None) -> GlmRewardModel:
     """The trained reward model of the RM workdir `path` (config `field`), sharded over
-    `mesh`; it must read the policy's token ids (`vocab_size`), or it would score garbage
-    without any error."""
+    `mesh`, with its config's `overrides` (`frozen_overrides`: precision and runtime); it must
+    read the policy's token ids (`vocab_size`), or it would score garbage without any
+    error."""
     if not path:
         raise ValueError(f"{field} is empty: set it to a reward-model workdir "
                          "(scripts/train_rm.py)")
@@ -119,7 +149,7 @@ def load_reward_model(path: str, field: str, vocab_size: int, mesh: Mesh) -> Glm
         raise FileNotFoundError(f"{field} = {path!r} is not a directory: expected a "
                                 "reward-model workdir (scripts/train_rm.py)")
     try:
-        model = load_trained_model(path, GlmRewardModel, mesh)
+        model = load_trained_model(path, GlmRewardModel, mesh, overrides=overrides)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{field} = {path!r}: {e}") from e
     if model.config.vocab_size != vocab_size:

@@ -43,10 +43,11 @@ from glm_jax.data.records import (
     write_jsonl,
 )
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
-from glm_jax.losses import dpo_loss, masked_mean, sequence_logprobs, token_logprobs
+from glm_jax.losses import dpo_loss, masked_mean, sequence_logprobs
 from glm_jax.models.heads import GlmForCausalLM
 from glm_jax.train import loop
 from glm_jax.train.common import (
+    frozen_overrides,
     is_main_process,
     load_reward_model,
     mesh_from_config,
@@ -56,6 +57,7 @@ from glm_jax.train.common import (
     tokenizer_from_config,
 )
 from glm_jax.train.loop import batch_sharding, global_to_device, run_stage, to_host
+from glm_jax.train.preflight import preflight
 from glm_jax.train.programs import BoundStep
 from glm_jax.train.prompts import PromptDataset
 from glm_jax.train.reward import score_responses
@@ -109,7 +111,8 @@ def pair_logps(model: GlmForCausalLM, batch: Mapping[str, jax.Array]
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
     response = jnp.concatenate([batch["chosen_response_mask"],
                                 batch["rejected_response_mask"]])[:, 1:]
-    token_logps = token_logprobs(model(ids, mask)[:, :-1], ids[:, 1:])  # token t+1 from t
+    hidden, _ = model.model(ids, mask)
+    token_logps = model.token_logprobs(hidden[:, :-1], ids[:, 1:])  # token t+1 from t
     logps = sequence_logprobs(token_logps, response)
     size = batch["chosen_ids"].shape[0]
     chosen_tokens = response[:size] & _valid(batch)[:, None]
@@ -347,7 +350,7 @@ def reward_pairs(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
 
     prompts = read_prompts(dpo.prompt_file, "config.dpo.prompt_file", data.on_error)
     reward_model = load_reward_model(dpo.reward_model, "config.dpo.reward_model",
-                                     policy.config.vocab_size, mesh)
+                                     policy.config.vocab_size, mesh, frozen_overrides(config))
     ids, mask = encode_prompts(prompts, tokenizer, template, data.max_prompt_tokens)
     # One token short of the limit: a response cut there still fits with the EOS that
     # tokenization appends.
@@ -524,16 +527,19 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
+    # Before any weights load: the offline step (online DPO samples inside its step, a
+    # program of its own, compiled at the first step).
+    checked = preflight(config, "dpo", mesh, "DPO") if mode != "online" else None
     model = model_from_config(config, "lm", mesh)
     model_config = model.config
     graphdef, initial_params = nnx.split(model)
     eval_fn = _eval_fn(config, graphdef, initial_params, tokenizer, template, mesh)
-    tx, schedule = optimizer_from_config(dpo)
+    tx, schedule = optimizer_from_config(dpo, config.model.moment_dtype)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
     if mode == "online":
         reward_model = load_reward_model(dpo.reward_model, "config.dpo.reward_model",
-                                         model_config.vocab_size, mesh)
+                                         model_config.vocab_size, mesh, frozen_overrides(config))
         reward_graphdef, reward_params = nnx.split(reward_model)
         prompts = read_prompts(dpo.prompt_file, "config.dpo.prompt_file", data.on_error)
         ids, mask = encode_prompts(prompts, tokenizer, template, data.max_prompt_tokens)
@@ -541,7 +547,7 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
               f"{dpo.num_samples} responses to each of {dpo.batch_size}")
         batches = iter(PromptDataset(ids, mask, batch_size=dpo.batch_size, seed=config.seed,
                                      **process))
-        reference_params = copy_params(initial_params)
+        reference_params = copy_params(initial_params, config.model.frozen_dtype)
         sampling = SamplingSettings.from_config(dpo, tokenizer, data.max_response_tokens)
 
         def make_step(shardings):
@@ -575,4 +581,5 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     del model, initial_params
     return run_stage(config, dpo, workdir, graphdef=graphdef, state=state, make_step=make_step,
                      batches=batches, mesh=mesh, model_config=model_config, tokenizer=tokenizer,
-                     desc=f"DPO ({mode})", eval_fn=eval_fn, export_hf=True)
+                     desc=f"DPO ({mode})", eval_fn=eval_fn, export_hf=True,
+                     precompiled=checked)

@@ -128,8 +128,8 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
                eval_fn: Callable[[TrainState], dict[str, Any]] | None = None,
                eval_every: int = 0, checkpoint_every: int = 0,
                max_nonfinite_steps: int = 10, tokens_per_step: int | None = None,
-               flops_per_step: float | None = None, peak_flops: float | None = None
-               ) -> tuple[TrainState, dict[str, Any]]:
+               flops_per_step: float | None = None, peak_flops: float | None = None,
+               precompiled: Any = None) -> tuple[TrainState, dict[str, Any]]:
     """Runs `state` from its step to `num_steps`.
 
     make_step: given the batch shardings, the jitted `(state, batch) -> (state, metrics)` (or
@@ -148,6 +148,7 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
     default the batch's `*_ids` sizes over all processes), `tflops_per_second` (all devices;
     `flops_per_step`, default XLA's count of the compiled step) and, when `peak_flops` (per
     device) is known, `mfu`.
+    precompiled: the pre-flight's compiled program, run when it matches the real arguments.
     Returns the final state and the last step's metrics.
     """
     step_fn, shardings = None, None
@@ -164,7 +165,7 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
             if step_fn is None:
                 with jax.set_mesh(mesh):
                     step_fn, cost = compile_step(make_step(shardings), state, device_batch,
-                                                 desc)
+                                                 desc, precompiled=precompiled)
                 if tokens_per_step is None:
                     tokens_per_step = batch_tokens(batch) * jax.process_count()
                 if flops_per_step is None:
@@ -218,10 +219,12 @@ def throughput(seconds: float, tokens: int, flops: float, peak_flops: float | No
     return out
 
 
-def keep_if_finite(finite: jax.Array, updated: Any, previous: Any) -> Any:
-    """`updated` where `finite` (a bool scalar), else `previous`: a NaN/Inf loss or gradient
-    skips the update instead of poisoning the parameters and the optimizer moments."""
-    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
+def update_if_finite(finite: jax.Array, update: Callable[[], Any], previous: Any) -> Any:
+    """`update()` when `finite` (a bool scalar), else `previous`: a NaN/Inf loss or gradient
+    skips the update instead of poisoning the parameters and the optimizer moments. A
+    `lax.cond`, not a select: XLA then writes the new parameters and moments in place, where
+    a select holds both versions at once (5.4 GiB more per device for GLM-4-9B on 8 GPUs)."""
+    return jax.lax.cond(finite, lambda: update(), lambda: previous)
 
 
 LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
@@ -238,12 +241,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = keep_if_finite(finite, (params, opt_state),
-                                           (state.params, state.opt_state))
+
+        def update() -> tuple[Any, Any]:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        params, opt_state = update_if_finite(finite, update, (state.params, state.opt_state))
         metrics = {"loss": loss, **metrics, "grad_norm": grad_norm,
                    "learning_rate": schedule(state.step),
                    "skipped_nonfinite": 1 - finite.astype(jnp.int32)}
@@ -258,12 +263,14 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
               batches: Iterator, mesh: Mesh, model_config: Any, tokenizer: Any, desc: str,
               eval_fn: Callable[[TrainState], dict[str, Any]] | None = None,
               export_hf: bool = False, tokens_per_step: int | None = None,
-              flops_per_step: float | None = None) -> dict[str, Any]:
+              flops_per_step: float | None = None, precompiled: Any = None
+              ) -> dict[str, Any]:
     """What every stage does around its step: resume from `workdir/checkpoints`, record the
     resolved config, model config and tokenizer, run `train_loop` with the metrics writer,
     and (with `export_hf`) export the final model to `workdir/hf`. `section` is the stage's
     config section (num_steps, checkpoint_every, keep_checkpoints, log_every, and optionally
-    eval_every, max_nonfinite_steps, best_metric, best_mode).
+    eval_every, max_nonfinite_steps, best_metric, best_mode). `precompiled`: the stage's
+    pre-flight (glm_jax.train.preflight), run instead of compiling when it matches.
     Returns the last step's metrics."""
     best_metric = section.get("best_metric", "")
     if best_metric and eval_fn is None:
@@ -289,7 +296,8 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
             max_nonfinite_steps=section.get("max_nonfinite_steps", 10),
             tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
             peak_flops=peak_flops(mesh.devices.flat[0],
-                                  config.get("metrics", {}).get("peak_tflops", 0.0)))
+                                  config.get("metrics", {}).get("peak_tflops", 0.0)),
+            precompiled=precompiled)
         if checkpointer.best_step() is not None:
             print(f"{desc}: best checkpoint by {best_metric} is step "
                   f"{checkpointer.best_step()} in {checkpointer.directory}")

@@ -41,14 +41,13 @@ from glm_jax.config import validate_config
 from glm_jax.data.pipeline import SFTDataset
 from glm_jax.data.records import read_jsonl
 from glm_jax.losses import (
-    entropy_from_logits,
     gae,
     kl_penalty,
+    masked_mean,
     masked_var,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
-    token_logprobs,
 )
 from glm_jax.models.heads import (
     GlmForCausalLM,
@@ -58,14 +57,17 @@ from glm_jax.models.heads import (
 )
 from glm_jax.train.checkpoint import load_trained_model
 from glm_jax.train.common import (
+    frozen_overrides,
     load_reward_model,
     mesh_from_config,
     model_from_config,
     read_prompts,
+    runtime_overrides,
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.loop import keep_if_finite, run_stage
+from glm_jax.train.loop import run_stage, update_if_finite
+from glm_jax.train.preflight import preflight
 from glm_jax.train.programs import BoundStep, parameter_counts, ppo_iteration_flops
 from glm_jax.train.prompts import (
     PromptDataset,
@@ -78,7 +80,13 @@ from glm_jax.train.prompts import (
 )
 from glm_jax.train.rollout import SamplingSettings, encode_prompts, sample_prompts, sequence
 from glm_jax.train.sft import sft_batch_loss
-from glm_jax.train.state import copy_params, make_optimizer, shardings_of
+from glm_jax.train.state import (
+    copy_params,
+    init_opt_state,
+    make_optimizer,
+    replicated_like,
+    shardings_of,
+)
 
 Params = Any
 
@@ -173,12 +181,15 @@ class PPOSettings:
         return self.ppo_epochs * self.num_minibatches
 
 
-def response_logits(policy: GlmForCausalLM, ids: jax.Array, mask: jax.Array,
-                    prompt_length: int) -> jax.Array:
-    """float32 logits that predict each response token: `[b, R, vocab]` from `[b, T]`
-    sequences (only the response positions go through the LM head)."""
+def response_logprobs(policy: GlmForCausalLM, ids: jax.Array, mask: jax.Array,
+                      tokens: jax.Array, *, with_entropy: bool = False
+                      ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """float32 log-probs of the response `tokens` `[b, R]` (and their entropies) from `[b, T]`
+    sequences; only the response positions go through the LM head, in chunks."""
     hidden, _ = policy.model(ids, mask)
-    return policy.logits(hidden[:, prompt_length - 1:-1])
+    prompt_length = ids.shape[1] - tokens.shape[1]
+    return policy.token_logprobs(hidden[:, prompt_length - 1:-1], tokens,
+                                 with_entropy=with_entropy)
 
 
 def response_values(critic: GlmValueModel, ids: jax.Array, mask: jax.Array,
@@ -261,7 +272,7 @@ class PPOProgram:
         def forward(ids, mask, tokens):
             def logps(params):
                 policy = nnx.merge(self.policy_graphdef, params)
-                return token_logprobs(response_logits(policy, ids, mask, prompt_length), tokens)
+                return response_logprobs(policy, ids, mask, tokens)
 
             critic = nnx.merge(self.critic_graphdef, state.critic_params)
             reward_model = nnx.merge(self.reward_graphdef, reward_params)
@@ -305,8 +316,8 @@ class PPOProgram:
         prompt_length = minibatch.ids.shape[1] - minibatch.tokens.shape[1]
         policy = nnx.merge(self.policy_graphdef, params)
         critic = nnx.merge(self.critic_graphdef, critic_params)
-        logits = response_logits(policy, minibatch.ids, minibatch.mask, prompt_length)
-        logps = token_logprobs(logits, minibatch.tokens)
+        logps, entropy = response_logprobs(policy, minibatch.ids, minibatch.mask,
+                                           minibatch.tokens, with_entropy=True)
         mask = minibatch.response_mask
         policy_loss, policy_stats = ppo_policy_loss(logps, minibatch.old_logps,
                                                     minibatch.advantages, mask, s.clip_ratio)
@@ -315,7 +326,7 @@ class PPOProgram:
                                                  minibatch.returns, mask, s.clip_value)
         loss = policy_loss + s.value_coef * value_loss
         stats = {"policy_loss": policy_loss, "value_loss": value_loss, **policy_stats,
-                 **value_stats, "entropy": entropy_from_logits(logits, mask),
+                 **value_stats, "entropy": masked_mean(entropy, mask),
                  "ratio_max_deviation": jax.lax.stop_gradient(jnp.max(jnp.where(
                      mask, jnp.abs(jnp.expm1(logps - minibatch.old_logps)), 0.0)))}
         if sft_minibatch is not None:
@@ -346,17 +357,20 @@ class PPOProgram:
             grad_fn = jax.value_and_grad(self.loss, argnums=(0, 1), has_aux=True)
             (loss, stats), (grads, critic_grads) = grad_fn(params, critic_params, minibatch,
                                                            sft_minibatch)
-            updates, new_opt_state = self.policy_tx.update(grads, opt_state, params)
-            critic_updates, new_critic_opt_state = self.critic_tx.update(
-                critic_grads, critic_opt_state, critic_params)
-            updated = (optax.apply_updates(params, updates), new_opt_state,
-                       optax.apply_updates(critic_params, critic_updates),
-                       new_critic_opt_state)
             grad_norm, critic_grad_norm = (optax.tree.norm(grads),
                                            optax.tree.norm(critic_grads))
             finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
                       & jnp.isfinite(critic_grad_norm))
-            carry = keep_if_finite(finite, updated, carry)
+
+            def update():
+                updates, new_opt_state = self.policy_tx.update(grads, opt_state, params)
+                critic_updates, new_critic_opt_state = self.critic_tx.update(
+                    critic_grads, critic_opt_state, critic_params)
+                return (optax.apply_updates(params, updates), new_opt_state,
+                        optax.apply_updates(critic_params, critic_updates),
+                        new_critic_opt_state)
+
+            carry = update_if_finite(finite, update, carry)
             stats = {"loss": loss, **stats, "grad_norm": grad_norm,
                      "critic_grad_norm": critic_grad_norm,
                      "skipped_nonfinite": 1.0 - finite.astype(jnp.float32)}
@@ -429,14 +443,14 @@ def init_ppo_state(policy: GlmForCausalLM, critic: GlmValueModel,
                    policy_tx: optax.GradientTransformation,
                    critic_tx: optax.GradientTransformation, kl_coef: float
                    ) -> tuple[nnx.GraphDef, nnx.GraphDef, PPOState]:
-    """(policy graphdef, critic graphdef, state); optimizer states are created under jit so
-    they inherit the parameters' shardings."""
+    """(policy graphdef, critic graphdef, state); optimizer states are sharded like their
+    parameters."""
     policy_graphdef, params = nnx.split(policy)
     critic_graphdef, critic_params = nnx.split(critic)
-    state = PPOState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=jax.jit(policy_tx.init)(params), critic_params=critic_params,
-                     critic_opt_state=jax.jit(critic_tx.init)(critic_params),
-                     kl_coef=jnp.asarray(kl_coef, jnp.float32))
+    state = PPOState(step=replicated_like(params, jnp.zeros((), jnp.int32)), params=params,
+                     opt_state=init_opt_state(policy_tx, params), critic_params=critic_params,
+                     critic_opt_state=init_opt_state(critic_tx, critic_params),
+                     kl_coef=replicated_like(params, jnp.asarray(kl_coef, jnp.float32)))
     return policy_graphdef, critic_graphdef, state
 
 
@@ -450,7 +464,10 @@ def _policy_source(config: ConfigDict) -> Any:
 def _critic(config: ConfigDict, mesh) -> GlmValueModel:
     init = config.ppo.critic_init
     if init == "reward":
-        return load_trained_model(config.ppo.reward_model, GlmValueModel, mesh)
+        # Trained, so in the policy's precision whatever the reward model was saved in.
+        return load_trained_model(config.ppo.reward_model, GlmValueModel, mesh, overrides={
+            **runtime_overrides(config), "dtype": config.model.dtype,
+            "param_dtype": config.model.param_dtype})
     if init == "policy":
         return model_from_config(config, "value", mesh)
     raise ValueError(f"config.ppo.critic_init={init!r}; choose 'reward' or 'policy'")
@@ -529,9 +546,11 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
     prompts = read_prompts(ppo.prompt_file, "config.ppo.prompt_file", data.on_error)
 
+    # Before any weights load (the fused program; the step-by-step one is for debugging).
+    checked = preflight(config, "ppo", mesh, "PPO") if ppo.fused else None
     policy = model_from_config(config, "lm", mesh)
     reward_model = load_reward_model(ppo.reward_model, "config.ppo.reward_model",
-                                     policy.config.vocab_size, mesh)
+                                     policy.config.vocab_size, mesh, frozen_overrides(config))
     prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, template,
                                              data.max_prompt_tokens)
     kept, ref_rewards, report = prepare_prompts(config, workdir, policy, reward_model,
@@ -553,14 +572,14 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     num_updates = ppo.num_steps * settings.updates_per_iteration
     optimizer = dict(num_steps=num_updates, warmup_steps=ppo.warmup_steps,
                      end_lr_ratio=ppo.end_lr_ratio, weight_decay=ppo.weight_decay,
-                     max_grad_norm=ppo.max_grad_norm)
+                     max_grad_norm=ppo.max_grad_norm, moment_dtype=config.model.moment_dtype)
     policy_tx, _ = make_optimizer(learning_rate=ppo.learning_rate, **optimizer)
     critic_tx, _ = make_optimizer(learning_rate=ppo.critic_learning_rate, **optimizer)
     critic = _critic(config, mesh)
     with jax.set_mesh(mesh):
         policy_graphdef, critic_graphdef, state = init_ppo_state(policy, critic, policy_tx,
                                                                  critic_tx, ppo.kl_coef)
-        ref_params = copy_params(state.params)
+        ref_params = copy_params(state.params, config.model.frozen_dtype)
     reward_graphdef, reward_params = nnx.split(reward_model)
     program = PPOProgram(
         policy_graphdef, critic_graphdef, reward_graphdef,
@@ -583,5 +602,5 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                      make_step=make_step, batches=batches, mesh=mesh,
                      model_config=model_config, tokenizer=tokenizer, desc="PPO",
                      export_hf=True, tokens_per_step=sequence[0] * (sequence[1] + sequence[2]),
-                     flops_per_step=sum(flops.values()))
+                     flops_per_step=sum(flops.values()), precompiled=checked)
     return {**last, "prompts": report}

@@ -102,15 +102,21 @@ class BoundStep:
 
 
 def compile_step(step_fn: Any, state: Any, batch: Any, desc: str,
-                 device: jax.Device | None = None) -> tuple[Any, StepCost | None]:
+                 device: jax.Device | None = None, precompiled: Any = None
+                 ) -> tuple[Any, StepCost | None]:
     """Compiles `step_fn` (a jitted function, or a BoundStep of one) ahead of time for
     `(state, batch)`, prints its memory needs and checks them against the device. Returns
     `(state, batch) -> outputs` running the compiled program, and its cost; a step that is
-    not jitted is returned as it is, with no cost."""
+    not jitted is returned as it is, with no cost. `precompiled` (the pre-flight's
+    `ProgramCost`) is run instead when it was compiled for exactly these arguments."""
     step, constants = ((step_fn.step, step_fn.constants) if isinstance(step_fn, BoundStep)
                        else (step_fn, ()))
     if not hasattr(step, "lower"):
         return step_fn, None
+    if precompiled is not None and precompiled.accepts(state, *constants, batch):
+        print(f"{desc}: running the pre-flight's compiled program", flush=True)
+        compiled = precompiled.compiled
+        return (lambda state, batch: compiled(state, *constants, batch)), precompiled.cost
     compiled = step.lower(state, *constants, batch).compile()
     cost = step_cost(compiled)
     check_fits(cost, desc, device_memory_limit(device or jax.local_devices()[0]))

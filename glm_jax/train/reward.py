@@ -36,6 +36,7 @@ from glm_jax.train.common import (
     tokenizer_from_config,
 )
 from glm_jax.train.loop import batch_sharding, global_to_device, run_stage, to_host
+from glm_jax.train.preflight import preflight
 from glm_jax.train.state import (
     TrainState,
     init_train_state,
@@ -221,8 +222,9 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
     print(f"{rm.train_file}: {train_data.report}")
     train_iter = iter(train_data)
 
+    checked = preflight(config, "rm", mesh, "reward model")  # before any weights load
     model = model_from_config(config, "reward", mesh)
-    tx, schedule = optimizer_from_config(rm)
+    tx, schedule = optimizer_from_config(rm, config.model.moment_dtype)
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, tx)
     model_config = model.config
@@ -240,7 +242,7 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
         make_step=lambda shardings: make_train_step(graphdef, tx, schedule, rm.l2_coef,
                                                     shardings_of(state), shardings),
         batches=train_iter, mesh=mesh, model_config=model_config, tokenizer=tokenizer,
-        desc="reward model", eval_fn=eval_fn)
+        desc="reward model", eval_fn=eval_fn, precompiled=checked)
 
 
 def _single_device_mesh() -> Mesh:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from glm_jax.config import validate_config
 from glm_jax.data.pipeline import PackedSFTDataset, SFTDataset
 from glm_jax.data.records import SFTExample, read_jsonl
-from glm_jax.losses import entropy_from_logits, sft_loss
+from glm_jax.losses import masked_mean
 from glm_jax.models.heads import GlmForCausalLM
 from glm_jax.train import loop
 from glm_jax.train.common import (
@@ -34,6 +35,7 @@ from glm_jax.train.common import (
     tokenizer_from_config,
 )
 from glm_jax.train.loop import batch_sharding, global_to_device, run_stage
+from glm_jax.train.preflight import preflight
 from glm_jax.train.state import (
     TrainState,
     init_train_state,
@@ -48,16 +50,19 @@ def sft_batch_loss(model: GlmForCausalLM, batch: Mapping[str, jax.Array]
     `attention_mask`, `loss_mask`, optional `segment_ids` of packed rows: `[batch, length]`),
     and logging stats."""
     segment_ids = batch.get("segment_ids")
-    logits = model(batch["input_ids"], batch["attention_mask"], segment_ids=segment_ids)
+    hidden, _ = model.model(batch["input_ids"], batch["attention_mask"],
+                            segment_ids=segment_ids)
     # Position t predicts token t + 1: the loss covers targets inside the response.
     loss_mask = batch["loss_mask"][:, 1:]
     if segment_ids is not None:
         # The last token of a packed example (its EOS) predicts nothing: the next token
         # starts another example.
         loss_mask = loss_mask & (segment_ids[:, 1:] == segment_ids[:, :-1])
-    loss = sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], loss_mask)
-    stats = {"entropy": entropy_from_logits(logits[:, :-1], loss_mask),
-             "response_tokens": loss_mask.sum()}
+    # Targets outside the loss (padding, the prompt) only need to be valid ids.
+    targets = jnp.where(loss_mask, batch["input_ids"][:, 1:], 0)
+    logps, entropy = model.token_logprobs(hidden[:, :-1], targets, with_entropy=True)
+    loss = masked_mean(-logps, loss_mask)
+    stats = {"entropy": masked_mean(entropy, loss_mask), "response_tokens": loss_mask.sum()}
     return loss, stats
 
 
@@ -128,9 +133,10 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         print(f"{sft.train_file}: {train_data.packing_report}")
     train_iter = iter(train_data)
 
+    checked = preflight(config, "sft", mesh, "SFT")  # before any weights load
     model = model_from_config(config, "lm", mesh)
     model_config = model.config
-    tx, schedule = optimizer_from_config(sft)
+    tx, schedule = optimizer_from_config(sft, config.model.moment_dtype)
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, tx)
     del model
@@ -149,4 +155,4 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         make_step=lambda shardings: make_train_step(graphdef, tx, schedule,
                                                     shardings_of(state), shardings),
         batches=train_iter, mesh=mesh, model_config=model_config, tokenizer=tokenizer,
-        desc="SFT", eval_fn=eval_fn, export_hf=True)
+        desc="SFT", eval_fn=eval_fn, export_hf=True, precompiled=checked)
