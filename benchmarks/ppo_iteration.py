@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="scanned layers (default unrolled, the faster form on CPU)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=0, help="MLP size (0: 3 x hidden)")
@@ -102,7 +104,8 @@ def build(args: argparse.Namespace, mesh):
     config = tiny_config(vocab_size=args.vocab, hidden_size=args.hidden,
                          intermediate_size=args.intermediate or 3 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads)
+                         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                         scan_layers=args.scan_layers)
     check_model_fits_mesh(config, mesh)
 
     def sharded(cls, seed):

@@ -24,6 +24,9 @@ def get_config(mesh: str = "") -> ConfigDict:
     config.model.tiny = ConfigDict(dict(hidden_size=128, intermediate_size=256,
                                         num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, head_dim=32))
+    # Two layers compile fast either way, and unrolled their training steps run ~20% faster
+    # on CPU than under lax.scan (reward-model step 85 against 104 ms).
+    config.model.scan_layers = False
     # The synthetic tasks' prompts are under 32 tokens with the chat template and their
     # answers a few tokens (filler included).
     config.data.update(max_prompt_tokens=32, max_response_tokens=12)

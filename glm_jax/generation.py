@@ -69,7 +69,9 @@ def sample(model: GlmForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array,
     batch, prompt_length = prompt_ids.shape
     eos = jnp.asarray(tuple(eos_token_ids), jnp.int32)
     cache = KVCache.init(model.config, batch, prompt_length + max_new_tokens)
-    hidden, cache = model.model(prompt_ids, prompt_mask, cache)
+    # Unrolled layers: their weights sliced from the stacked ones once, outside the loop.
+    layers = None if model.config.scan_layers else model.model.layer_states()
+    hidden, cache = model.model(prompt_ids, prompt_mask, cache, layers=layers)
     last = last_token_index(prompt_mask)
     logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
 
@@ -88,7 +90,8 @@ def sample(model: GlmForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array,
         logprobs = logprobs.at[:, step].set(jnp.where(active, logprob, 0.0))
         mask = mask.at[:, step].set(active)
         done = done | (active & jnp.isin(token, eos))
-        hidden, cache = model.model(token[:, None], jnp.ones((batch, 1), bool), cache)
+        hidden, cache = model.model(token[:, None], jnp.ones((batch, 1), bool), cache,
+                                    layers=layers)
         return step + 1, cache, model.logits(hidden[:, 0]), rng, tokens, logprobs, mask, done
 
     carry = (
