@@ -118,9 +118,11 @@ class Pipeline:
         model per prompt): `pipeline.annotate_samples` sampled per preference prompt with
         PPO's rollout settings, of which `world.annotate` compares the first distinct ones."""
         import glm_jax
+        from glm_jax.train.common import runtime_overrides
 
         hf = self.path("sft", "hf")
-        model, tokenizer = glm_jax.from_pretrained(hf), Tokenizer.from_dir(hf)
+        model = glm_jax.from_pretrained(hf, **runtime_overrides(self.config))
+        tokenizer = Tokenizer.from_dir(hf)
         samples, world = self.config.pipeline.annotate_samples, world_config(self.config)
         rng = np.random.default_rng([self.config.seed, 1])
         counts = {}
@@ -204,10 +206,11 @@ class Pipeline:
         """Accuracy, length preference, ... of the trained reward model `name` on each file."""
         from glm_jax.models.heads import GlmRewardModel
         from glm_jax.train.checkpoint import load_trained_model
-        from glm_jax.train.common import template_from_config
+        from glm_jax.train.common import runtime_overrides, template_from_config
         from glm_jax.train.reward import evaluate_pairs
 
-        model = load_trained_model(self.path(name), GlmRewardModel)
+        model = load_trained_model(self.path(name), GlmRewardModel,
+                                   overrides=runtime_overrides(self.config))
         tokenizer = Tokenizer.from_dir(self.path(name))
         template = template_from_config(self.config)
         return [_numbers(evaluate_pairs(model, tokenizer, template, _pairs(self.data / f),
@@ -262,13 +265,14 @@ class Pipeline:
         from glm_jax.generation import generate_text
         from glm_jax.models.heads import GlmRewardModel
         from glm_jax.train.checkpoint import load_trained_model
-        from glm_jax.train.common import template_from_config
+        from glm_jax.train.common import runtime_overrides, template_from_config
         from glm_jax.train.reward import score_responses
 
         prompts, _ = read_jsonl(self.data / "eval_prompts.jsonl", "prompt")
         capability, _ = read_jsonl(self.data / "capability.jsonl", "sft")
         template = template_from_config(self.config)
-        reward_model = load_trained_model(self.path("rm"), GlmRewardModel)
+        reward_model = load_trained_model(self.path("rm"), GlmRewardModel,
+                                          overrides=runtime_overrides(self.config))
         samples = self.config.pipeline.eval_samples
         limit = self.config.data.max_response_tokens
         texts = [p.prompt for p in prompts]
@@ -276,7 +280,8 @@ class Pipeline:
         out: dict[str, Any] = {}
         for name in tqdm(POLICIES, desc="evaluating policies", unit="policy", leave=False):
             hf = self.path(name, "hf")
-            model, tokenizer = glm_jax.from_pretrained(hf), Tokenizer.from_dir(hf)
+            model = glm_jax.from_pretrained(hf, **runtime_overrides(self.config))
+            tokenizer = Tokenizer.from_dir(hf)
             respond = functools.partial(generate_text, model, tokenizer, template=template,
                                         max_new_tokens=limit, temperature=0.0)
             greedy = respond(texts)
