@@ -454,6 +454,19 @@ def init_ppo_state(policy: GlmForCausalLM, critic: GlmValueModel,
     return policy_graphdef, critic_graphdef, state
 
 
+def ppo_optimizers(config: ConfigDict, settings: PPOSettings
+                   ) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """(policy, critic) optimizers of config.ppo; their schedules count minibatch updates."""
+    ppo = config.ppo
+    optimizer = dict(num_steps=ppo.num_steps * settings.updates_per_iteration,
+                     warmup_steps=ppo.warmup_steps, end_lr_ratio=ppo.end_lr_ratio,
+                     weight_decay=ppo.weight_decay, max_grad_norm=ppo.max_grad_norm,
+                     moment_dtype=config.model.moment_dtype)
+    policy_tx, _ = make_optimizer(learning_rate=ppo.learning_rate, **optimizer)
+    critic_tx, _ = make_optimizer(learning_rate=ppo.critic_learning_rate, **optimizer)
+    return policy_tx, critic_tx
+
+
 def _policy_source(config: ConfigDict) -> Any:
     """What the initial policy's weights depend on (for the cache keys)."""
     if config.model.init_checkpoint:
@@ -569,12 +582,7 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                               truncation=data.truncation, seed=config.seed, **process)
         batches = ZippedBatches(batches, sft_data, prefix="sft_")
 
-    num_updates = ppo.num_steps * settings.updates_per_iteration
-    optimizer = dict(num_steps=num_updates, warmup_steps=ppo.warmup_steps,
-                     end_lr_ratio=ppo.end_lr_ratio, weight_decay=ppo.weight_decay,
-                     max_grad_norm=ppo.max_grad_norm, moment_dtype=config.model.moment_dtype)
-    policy_tx, _ = make_optimizer(learning_rate=ppo.learning_rate, **optimizer)
-    critic_tx, _ = make_optimizer(learning_rate=ppo.critic_learning_rate, **optimizer)
+    policy_tx, critic_tx = ppo_optimizers(config, settings)
     critic = _critic(config, mesh)
     with jax.set_mesh(mesh):
         policy_graphdef, critic_graphdef, state = init_ppo_state(policy, critic, policy_tx,

@@ -26,7 +26,7 @@ from glm_jax.models.convert import HEADS
 from glm_jax.sharding import check_model_fits_mesh, logical_to_spec, state_shardings
 from glm_jax.train.common import frozen_overrides, model_config_from_config
 from glm_jax.train.programs import GIB, StepCost, device_memory_limit, step_cost
-from glm_jax.train.state import TrainState, make_optimizer, optimizer_from_config
+from glm_jax.train.state import TrainState, optimizer_from_config
 
 PROGRAMS = ("sft", "rm", "dpo", "ppo")
 
@@ -154,12 +154,7 @@ def ppo_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ..
     critic_graphdef, critic_params = abstract_model(config, "value", mesh)
     _, ref_params = abstract_model(config, "lm", mesh, frozen=True)
     reward_graphdef, reward_params = abstract_model(config, "reward", mesh, frozen=True)
-    optimizer = dict(num_steps=section.num_steps * settings.updates_per_iteration,
-                     warmup_steps=section.warmup_steps, end_lr_ratio=section.end_lr_ratio,
-                     weight_decay=section.weight_decay, max_grad_norm=section.max_grad_norm,
-                     moment_dtype=config.model.moment_dtype)
-    policy_tx, _ = make_optimizer(learning_rate=section.learning_rate, **optimizer)
-    critic_tx, _ = make_optimizer(learning_rate=section.critic_learning_rate, **optimizer)
+    policy_tx, critic_tx = ppo.ppo_optimizers(config, settings)
     state = ppo.PPOState(
         step=_scalar(mesh, jnp.int32), params=params,
         opt_state=abstract_opt_state(policy_tx, params, mesh), critic_params=critic_params,
