@@ -42,6 +42,7 @@ from glm_jax.pipeline.world import (
     gold_quality,
     make_world,
 )
+from glm_jax.train.workdir import holds_workdir
 
 POLICIES = ("sft", "ppo", "ppo_no_ref", "ppo_no_sft", "dpo")
 SAMPLE_ROWS = 1024  # rows per compiled sampling call
@@ -376,6 +377,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+@holds_workdir
 def run_pipeline(config: ConfigDict, workdir: str | Path, *, force: bool = False
                  ) -> dict[str, Any]:
     """Runs every stage not done yet in `workdir` and writes the report; returns its summary

@@ -76,6 +76,7 @@ from glm_jax.train.state import (
     optimizer_from_config,
     shardings_of,
 )
+from glm_jax.train.workdir import holds_workdir
 
 MODES = ("offline", "reward_pairs", "online")
 PAIRS_FILE = "reward_pairs.jsonl"
@@ -517,6 +518,7 @@ def _eval_fn(config: ConfigDict, graphdef: nnx.GraphDef, initial_params: Any, to
     return eval_fn
 
 
+@holds_workdir
 def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """DPO of the policy in `config` (reference: the initial model) in mode `dpo.mode`, in
     `workdir`, resuming from its latest checkpoint; exports the policy to `workdir/hf`."""

@@ -87,6 +87,7 @@ from glm_jax.train.state import (
     replicated_like,
     shardings_of,
 )
+from glm_jax.train.workdir import holds_workdir
 
 Params = Any
 
@@ -540,6 +541,7 @@ def prepare_prompts(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
     return kept, ref_rewards, report
 
 
+@holds_workdir
 def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """PPO of the policy in `config` (model.init_checkpoint, normally the SFT export) against
     the reward model in `ppo.reward_model` (an RM workdir), on `ppo.prompt_file`, in

@@ -39,6 +39,7 @@ from glm_jax.train.common import (
 )
 from glm_jax.train.rollout import SamplingSettings, ScoredSamples, encode_prompts, sample_prompts
 from glm_jax.train.sft import train_sft
+from glm_jax.train.workdir import holds_workdir
 
 WINNERS_FILE = "best_of_n.jsonl"
 SUMMARY_FILE = "best_of_n_summary.json"
@@ -196,6 +197,7 @@ def rejection_sample(config: ConfigDict, workdir: str | Path) -> list[SFTExample
     return examples
 
 
+@holds_workdir
 def train_rsft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """`rejection_sample`, then `train_sft` on the winners in `workdir/sft` (exported to
     `workdir/sft/hf`). Returns the SFT phase's last metrics, with the sampling summary under

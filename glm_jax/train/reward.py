@@ -43,6 +43,7 @@ from glm_jax.train.state import (
     optimizer_from_config,
     shardings_of,
 )
+from glm_jax.train.workdir import holds_workdir
 
 Batch = Mapping[str, np.ndarray]
 
@@ -192,6 +193,7 @@ def eval_batches(pairs: list[PreferencePair], tokenizer, template, config: Confi
     return out, dataset.tasks
 
 
+@holds_workdir
 def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains the reward model of `config` in `workdir`, resuming from its latest checkpoint.
 

@@ -42,6 +42,7 @@ from glm_jax.train.state import (
     optimizer_from_config,
     shardings_of,
 )
+from glm_jax.train.workdir import holds_workdir
 
 
 def sft_batch_loss(model: GlmForCausalLM, batch: Mapping[str, jax.Array]
@@ -108,6 +109,7 @@ def evaluate_sft(graphdef: nnx.GraphDef, params: Any, dataset: SFTDataset, mesh,
     return {"loss": nll, "perplexity": float(np.exp(nll)), "response_tokens": tokens}
 
 
+@holds_workdir
 def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Fine-tunes the language model of `config` on `sft.train_file` in `workdir` (resuming
     from its latest checkpoint), then exports it to `workdir/hf`. Returns the last metrics."""
