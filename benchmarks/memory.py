@@ -70,13 +70,14 @@ def load_config(model: str, mesh: str) -> ConfigDict:
 
 
 def sized(config: ConfigDict, program: str, args: argparse.Namespace, tokens: int,
-          layers: int | None) -> tuple[ConfigDict, int, int]:
-    """`config` at the benchmark's sizes for `program`; returns it, its batch and tokens."""
+          own_ppo: bool) -> tuple[ConfigDict, int, int]:
+    """`config` at the benchmark's sizes for `program` (`own_ppo`: PPO with the config file's
+    own settings); returns it, its batch and tokens."""
     config = ConfigDict(config.to_dict())
-    if layers:
-        config.model.tiny.num_hidden_layers = layers
+    if args.layers:
+        config.model.tiny.num_hidden_layers = args.layers
     if program == "ppo":
-        if not args.config_ppo_row:
+        if not own_ppo:
             half = args.ppo_tokens // 2
             config.data.max_prompt_tokens = config.data.max_response_tokens = half
             config.ppo.update(batch_size=args.ppo_prompts, minibatch_size=args.ppo_minibatch,
@@ -104,8 +105,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if args.config_ppo:
                 jobs.append(("ppo", 0, True))
         for program, tokens, own_settings in jobs:
-            args.config_ppo_row = own_settings
-            config, batch, tokens = sized(base, program, args, tokens, args.layers)
+            config, batch, tokens = sized(base, program, args, tokens, own_settings)
             result = compile_program(config, program, mesh)
             cost = result.cost
             row = dict(model=model, program=program if not own_settings else "ppo (config)",

@@ -308,8 +308,12 @@ def _lm_head_recipe(config: GlmConfig, model_type: str) -> Recipe:
 # ----------------------------------------------------------------------------- public API
 
 
-def _sharding(variable: nnx.Variable, mesh: Mesh, drop_leading: bool = False
-              ) -> NamedSharding:
+def _sharding(variable: nnx.Variable, mesh: Mesh | None, drop_leading: bool = False
+              ) -> NamedSharding | None:
+    """Where `variable` (without its leading axis: one layer of a stacked one) goes on
+    `mesh`; None without a mesh."""
+    if mesh is None:
+        return None
     axes = tuple(variable.get_metadata().get("logical_axes", ()))
     return NamedSharding(mesh, logical_to_spec(axes[1:] if drop_leading else axes))
 
@@ -332,14 +336,19 @@ def _stack_on_device(layers: list[jax.Array], sharding: NamedSharding | None) ->
 def read_config(path: str | os.PathLike, **overrides: Any) -> GlmConfig:
     """The GlmConfig of checkpoint directory `path` (its config.json only, no weights), with
     `overrides` (dtype, param_dtype, remat, ...)."""
-    path = Path(path)
+    return _read_config(Path(path), overrides)[1]
+
+
+def _read_config(path: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], GlmConfig]:
+    """(config.json as read, its GlmConfig with `overrides`)."""
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: config.json is missing; a Hugging Face checkpoint "
                                 "directory needs config.json next to its weights")
-    return config_from_hf(_read_json(config_file), config_file, **overrides)
+    raw = _read_json(config_file)
+    return raw, config_from_hf(raw, config_file, **overrides)
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
@@ -361,8 +370,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
     if head not in HEADS:
         raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
     path = Path(path)
-    config = read_config(path, dtype=dtype, param_dtype=param_dtype or dtype, **overrides)
-    raw = _read_json(path / "config.json")
+    raw, config = _read_config(path, dict(dtype=dtype, param_dtype=param_dtype or dtype,
+                                          **overrides))
     if mesh is not None:
         check_model_fits_mesh(config, mesh)
     reader = TensorReader(path)
@@ -392,13 +401,12 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32",
     layer_recipes = [_layer_recipes(config, raw["model_type"], i) for i in layers]
     for key, variable in tqdm(flat, desc=f"loading {path.name}", unit="tensor", leave=False):
         if key[:len(LAYERS)] == LAYERS:  # stacked: one layer's tensor on the host at a time
-            sharding = None if mesh is None else _sharding(variable, mesh, drop_leading=True)
+            layer_sharding = _sharding(variable, mesh, drop_leading=True)
             value = _stack_on_device(
-                [_place(build(layer_recipes[i][key], variable.shape[1:]), sharding)
-                 for i in layers], None if mesh is None else _sharding(variable, mesh))
+                [_place(build(layer_recipes[i][key], variable.shape[1:]), layer_sharding)
+                 for i in layers], _sharding(variable, mesh))
         else:
-            value = _place(build(recipes[key], variable.shape),
-                           None if mesh is None else _sharding(variable, mesh))
+            value = _place(build(recipes[key], variable.shape), _sharding(variable, mesh))
         variable.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

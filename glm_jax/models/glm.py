@@ -225,7 +225,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
             q_slots = cache_index + jnp.arange(length)
-        new_kv = (k, v)
+        layer_kv = (k, v)
         implementation = cfg.attention
         if cache_kv is not None and length == 1 and implementation == "auto":
             # One query per row: its [kv_length] scores are small, and the plain form is the
@@ -235,7 +235,7 @@ class Attention(nnx.Module):
                         implementation=implementation)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         out = jnp.einsum("bthd,ehd->bte", out, self.o_kernel[...].astype(cfg.compute_dtype))
-        return out, new_kv
+        return out, layer_kv
 
 
 class MLP(nnx.Module):
@@ -272,7 +272,7 @@ class DecoderLayer(nnx.Module):
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """One pre-norm block: `[batch, length, embed]` -> (same, this layer's keys and values;
         see `Attention`)."""
-        attn, new_kv = self.self_attn(self.input_layernorm(x), positions, kv_mask, cache_kv,
+        attn, layer_kv = self.self_attn(self.input_layernorm(x), positions, kv_mask, cache_kv,
                                         cache_index, segment_ids)
         if self.use_post_norms:
             attn = self.post_self_attn_layernorm(attn)
@@ -281,7 +281,7 @@ class DecoderLayer(nnx.Module):
         if self.use_post_norms:
             mlp = self.post_mlp_layernorm(mlp)
         x = constrain(x + mlp, ("batch", "length", "act_embed"))
-        return x, new_kv
+        return x, layer_kv
 
 
 def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:

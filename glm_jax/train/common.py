@@ -61,22 +61,26 @@ def runtime_overrides(config: ConfigDict) -> dict[str, Any]:
     return {name: config.model[name] for name in RUNTIME_FIELDS}
 
 
+def trained_overrides(config: ConfigDict) -> dict[str, Any]:
+    """GlmConfig overrides for a trained model: the run's dtypes and runtime fields."""
+    return {**runtime_overrides(config), "dtype": config.model.dtype,
+            "param_dtype": config.model.param_dtype}
+
+
 def frozen_overrides(config: ConfigDict) -> dict[str, Any]:
-    """GlmConfig overrides for a frozen model (reference policy, reward model): the run's
-    compute dtype and runtime fields, weights in config.model.frozen_dtype when set."""
-    dtype = config.model.frozen_dtype or config.model.param_dtype
-    return {**runtime_overrides(config), "dtype": config.model.dtype, "param_dtype": dtype}
+    """GlmConfig overrides for a frozen model (reference policy, reward model): a trained
+    model's, with the weights in config.model.frozen_dtype when set."""
+    return {**trained_overrides(config),
+            "param_dtype": config.model.frozen_dtype or config.model.param_dtype}
 
 
 def model_from_config(config: ConfigDict, head: str, mesh: Mesh) -> nnx.Module:
     """`head` ("lm", "reward", "value") from config.model.init_checkpoint, or a fresh tiny
     model (config.model.tiny overrides its fields) when no checkpoint is given."""
+    if config.model.init_checkpoint:
+        return from_pretrained(config.model.init_checkpoint, mesh=mesh, head=head,
+                               seed=config.seed, **trained_overrides(config))
     glm_config = model_config_from_config(config)
-    model_cfg = config.model
-    if model_cfg.init_checkpoint:
-        return from_pretrained(model_cfg.init_checkpoint, dtype=model_cfg.dtype,
-                               param_dtype=model_cfg.param_dtype, mesh=mesh, head=head,
-                               seed=config.seed, **runtime_overrides(config))
     check_model_fits_mesh(glm_config, mesh)
     model = HEADS[head](glm_config, rngs=nnx.Rngs(config.seed))
     graphdef, state = nnx.split(model)
@@ -86,12 +90,9 @@ def model_from_config(config: ConfigDict, head: str, mesh: Mesh) -> nnx.Module:
 def model_config_from_config(config: ConfigDict) -> GlmConfig:
     """The GlmConfig of config.model: the init checkpoint's config.json (read alone, no
     weights), or the tiny model's; with the run's dtypes and runtime fields."""
-    model_cfg = config.model
-    fields = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
-                  **runtime_overrides(config))
-    if model_cfg.init_checkpoint:
-        return read_config(model_cfg.init_checkpoint, **fields)
-    return tiny_config(**fields, **model_cfg.get("tiny", {}))
+    if config.model.init_checkpoint:
+        return read_config(config.model.init_checkpoint, **trained_overrides(config))
+    return tiny_config(**trained_overrides(config), **config.model.get("tiny", {}))
 
 
 def save_tokenizer(tokenizer: Tokenizer, workdir: str | Path) -> None:

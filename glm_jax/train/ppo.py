@@ -62,9 +62,9 @@ from glm_jax.train.common import (
     mesh_from_config,
     model_from_config,
     read_prompts,
-    runtime_overrides,
     template_from_config,
     tokenizer_from_config,
+    trained_overrides,
 )
 from glm_jax.train.loop import run_stage, update_if_finite
 from glm_jax.train.preflight import preflight
@@ -479,9 +479,8 @@ def _critic(config: ConfigDict, mesh) -> GlmValueModel:
     init = config.ppo.critic_init
     if init == "reward":
         # Trained, so in the policy's precision whatever the reward model was saved in.
-        return load_trained_model(config.ppo.reward_model, GlmValueModel, mesh, overrides={
-            **runtime_overrides(config), "dtype": config.model.dtype,
-            "param_dtype": config.model.param_dtype})
+        return load_trained_model(config.ppo.reward_model, GlmValueModel, mesh,
+                                  overrides=trained_overrides(config))
     if init == "policy":
         return model_from_config(config, "value", mesh)
     raise ValueError(f"config.ppo.critic_init={init!r}; choose 'reward' or 'policy'")

@@ -23,9 +23,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from glm_jax.models.convert import HEADS
+from glm_jax.models.glm import GlmConfig
 from glm_jax.sharding import check_model_fits_mesh, logical_to_spec, state_shardings
 from glm_jax.train.common import frozen_overrides, model_config_from_config
-from glm_jax.train.programs import GIB, StepCost, device_memory_limit, step_cost
+from glm_jax.train.programs import GIB, StepCost, check_fits, device_memory_limit, step_cost
 from glm_jax.train.state import TrainState, optimizer_from_config
 
 PROGRAMS = ("sft", "rm", "dpo", "ppo")
@@ -41,14 +42,9 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(one, shardings, tree)
 
 
-def abstract_model(config: ConfigDict, head: str, mesh: Mesh, *, frozen: bool = False
-                   ) -> tuple[nnx.GraphDef, Any]:
+def abstract_model(glm_config: GlmConfig, head: str, mesh: Mesh) -> tuple[nnx.GraphDef, Any]:
     """(graphdef, abstract parameters placed by the logical-axis rules) of the `head` model
-    of config.model; `frozen` gives the frozen models' precision (config.model.frozen_dtype).
-    Reads at most the init checkpoint's config.json."""
-    glm_config = model_config_from_config(config)
-    if frozen:
-        glm_config = glm_config.replace(**frozen_overrides(config))
+    of `glm_config`."""
     check_model_fits_mesh(glm_config, mesh)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: HEADS[head](glm_config,
                                                                    rngs=nnx.Rngs(0))))
@@ -80,7 +76,7 @@ def _scalar(mesh: Mesh, dtype: Any) -> jax.ShapeDtypeStruct:
 def _train_state(config: ConfigDict, head: str, section: ConfigDict, mesh: Mesh
                  ) -> tuple[nnx.GraphDef, optax.GradientTransformation, optax.Schedule,
                             TrainState]:
-    graphdef, params = abstract_model(config, head, mesh)
+    graphdef, params = abstract_model(model_config_from_config(config), head, mesh)
     tx, schedule = optimizer_from_config(section, config.model.moment_dtype)
     state = TrainState(step=_scalar(mesh, jnp.int32), params=params,
                        opt_state=abstract_opt_state(tx, params, mesh))
@@ -150,17 +146,18 @@ def ppo_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ..
 
     section, data = config.ppo, config.data
     settings = ppo.PPOSettings.from_config(config)
-    policy_graphdef, params = abstract_model(config, "lm", mesh)
-    critic_graphdef, critic_params = abstract_model(config, "value", mesh)
-    _, ref_params = abstract_model(config, "lm", mesh, frozen=True)
-    reward_graphdef, reward_params = abstract_model(config, "reward", mesh, frozen=True)
+    model_config = model_config_from_config(config)
+    frozen_config = model_config.replace(**frozen_overrides(config))
+    policy_graphdef, params = abstract_model(model_config, "lm", mesh)
+    critic_graphdef, critic_params = abstract_model(model_config, "value", mesh)
+    _, ref_params = abstract_model(frozen_config, "lm", mesh)
+    reward_graphdef, reward_params = abstract_model(frozen_config, "reward", mesh)
     policy_tx, critic_tx = ppo.ppo_optimizers(config, settings)
     state = ppo.PPOState(
         step=_scalar(mesh, jnp.int32), params=params,
         opt_state=abstract_opt_state(policy_tx, params, mesh), critic_params=critic_params,
         critic_opt_state=abstract_opt_state(critic_tx, critic_params, mesh),
         kl_coef=_scalar(mesh, jnp.float32))
-    model_config = model_config_from_config(config)
     sampling = SamplingSettings(max_new_tokens=data.max_response_tokens,
                                 eos_token_ids=tuple(model_config.eos_token_id),
                                 pad_token_id=model_config.pad_token_id,
@@ -229,13 +226,9 @@ def preflight(config: ConfigDict, program: str, mesh: Mesh, desc: str) -> Progra
     """Compiles `program` abstractly before any weights load and raises MemoryError when it
     needs more than a device has, naming the figure and the knobs; prints the figure."""
     result = compile_program(config, program, mesh)
-    cost = result.cost
     limit = device_memory_limit(jax.local_devices()[0])
-    if limit is not None and cost.bytes_needed > limit:
-        raise MemoryError(
-            f"{desc}: the compiled program needs {cost.describe()}, but each device has "
-            f"{limit / GIB:.3f} GiB; nothing was loaded. Try {KNOBS}")
+    check_fits(result.cost, desc, limit, "program", f"; nothing was loaded. Try {KNOBS}")
     where = "no device limit" if limit is None else f"of {limit / GIB:.1f} GiB per device"
-    print(f"{desc} pre-flight: {cost.bytes_needed / GIB:.3f} GiB per device ({where}), "
-          f"compiled in {result.compile_seconds:.1f} s", flush=True)
+    print(f"{desc} pre-flight: the compiled program needs {result.cost.describe()} "
+          f"({where}); compiled in {result.compile_seconds:.1f} s", flush=True)
     return result

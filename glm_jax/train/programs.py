@@ -80,13 +80,17 @@ def device_memory_limit(device: jax.Device) -> int | None:
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def check_fits(cost: StepCost, desc: str, limit: int | None) -> None:
-    """MemoryError, before any step runs, when the compiled step needs more than `limit`."""
+FIT_ADVICE = (". Lower the batch size or sequence lengths, shard more (config.mesh.fsdp / "
+              "tensor), or use bfloat16 (config.model.dtype / param_dtype)")
+
+
+def check_fits(cost: StepCost, desc: str, limit: int | None, what: str = "step",
+               advice: str = FIT_ADVICE) -> None:
+    """MemoryError, before any step runs, when the compiled `what` needs more than `limit`;
+    the message ends with `advice`."""
     if limit is not None and cost.bytes_needed > limit:
-        raise MemoryError(
-            f"{desc}: the compiled step needs {cost.describe()}, but each device has "
-            f"{limit / GIB:.3f} GiB. Lower the batch size or sequence lengths, shard more "
-            f"(config.mesh.fsdp / tensor), or use bfloat16 (config.model.dtype / param_dtype)")
+        raise MemoryError(f"{desc}: the compiled {what} needs {cost.describe()}, but each "
+                          f"device has {limit / GIB:.3f} GiB{advice}")
 
 
 @dataclasses.dataclass(frozen=True)
