@@ -38,6 +38,9 @@ def default_config() -> ConfigDict:
     # the last keep_checkpoints checkpoints, and with best_metric (an eval metric such as
     # "eval_accuracy" or "eval_loss") also the best one, highest or lowest by best_mode.
     config.seed = 0
+    # A latest checkpoint that cannot be read (files missing or damaged): "refuse" stops,
+    # naming the damaged step and the newest intact one; "previous" resumes from that one.
+    config.on_damaged_checkpoint = "refuse"
     # Mesh axis sizes; one may be -1 (the remaining devices).
     config.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     # init_checkpoint: a Hugging Face / ChatGLM directory; empty means a fresh random tiny model
@@ -56,9 +59,12 @@ def default_config() -> ConfigDict:
         vocab_chunk=512, tiny=ConfigDict()))
     # tokenizer: a directory with tokenizer.json / tokenizer.model; empty means the init
     # checkpoint's, or the bundled tiny tokenizer.
+    # special_tokens: what becomes of a chat template's special token (an EOS, a role token)
+    # written inside a record's text: "plain" encodes it as ordinary text, "refuse" drops the
+    # record (both counted in the tokenization report).
     config.data = ConfigDict(dict(tokenizer="", template="glm4", max_prompt_tokens=64,
                                   max_response_tokens=64, truncation="truncate",
-                                  on_error="raise"))
+                                  on_error="raise", special_tokens="plain"))
     # Supervised fine-tuning: loss on response tokens only; the result is exported to
     # WORKDIR/hf for the later stages' model.init_checkpoint.
     config.sft = ConfigDict(dict(
