@@ -45,6 +45,11 @@ def _bool(mask: jax.Array) -> jax.Array:
     return jnp.asarray(mask).astype(jnp.bool_)
 
 
+def _masked(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """`x` with 0 where `mask` (broadcast) is false: padding enters no arithmetic after this."""
+    return jnp.where(mask, x, 0.0)
+
+
 def _check_shapes(name: str, *arrays: jax.Array) -> None:
     # Shapes are static under jit, so this costs nothing and catches silent broadcasting
     # (e.g. a `[batch]` array against `[batch, length]`).
@@ -68,7 +73,7 @@ def masked_mean(x: jax.Array, mask: jax.Array,
     """
     x, mask = _f32(x), _bool(mask)
     _check_shapes("masked_mean", x, mask)
-    return jnp.sum(jnp.where(mask, x, 0.0), axis=axis) / _token_count(mask, axis)
+    return jnp.sum(_masked(x, mask), axis=axis) / _token_count(mask, axis)
 
 
 def masked_var(x: jax.Array, mask: jax.Array, unbiased: bool = True) -> jax.Array:
@@ -80,6 +85,7 @@ def masked_var(x: jax.Array, mask: jax.Array, unbiased: bool = True) -> jax.Arra
     Returns a float32 scalar.
     """
     x, mask = _f32(x), _bool(mask)
+    x = _masked(x, mask)
     mean = masked_mean(x, mask)
     # Centre only the masked entries; padding never enters the sum of squares.
     centred = jnp.where(mask, x - mean, 0.0)
@@ -102,6 +108,9 @@ def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True,
     Returns float32, same shape as `x`.
     """
     x, mask = _f32(x), _bool(mask)
+    # Zeroed first: a NaN in the padding would otherwise enter (x - mean) * rsqrt(var) and
+    # the variance's gradient, and from there every real token's gradient.
+    x = _masked(x, mask)
     mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=True)
     whitened = (x - mean) * jax.lax.rsqrt(var + eps)
     if not shift_mean:
@@ -145,9 +154,10 @@ def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax
     """
     loss_mask = _bool(loss_mask)
     _check_shapes("sft_loss", targets, loss_mask)
-    # Ignored targets may be out of range (-100); gathering them would give NaN/garbage.
+    # Ignored targets may be out of range (-100); gathering them would give NaN/garbage, and
+    # NaN logits at ignored positions would reach the gradient through log_softmax.
     safe_targets = jnp.where(loss_mask, targets, 0)
-    nll = -token_logprobs(logits, safe_targets)
+    nll = -token_logprobs(_masked(_f32(logits), loss_mask[..., None]), safe_targets)
     return masked_mean(nll, loss_mask)
 
 
@@ -310,7 +320,8 @@ def entropy_from_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
     Returns a float32 scalar (nats).
     """
     _check_shapes("entropy_from_logits", logits[..., 0], mask)
-    logp = jax.nn.log_softmax(_f32(logits), axis=-1)
+    logits = _masked(_f32(logits), _bool(mask)[..., None])
+    logp = jax.nn.log_softmax(logits, axis=-1)
     probs = jnp.exp(logp)
     # A -inf logit has p = 0 and logp = -inf: 0 * -inf would be NaN (also in the gradient), so
     # zero logp there first; the term's limit p*log p -> 0 is the right value.
