@@ -3,15 +3,20 @@
 `default_config()` is the embedded tiny default (configs/tiny.py is exactly it); the other
 files in configs/ start from it and change fields. `validate_config` checks a config against
 it before a program starts: an unknown field is an error naming the field and the closest
-valid names, and a value of the wrong type is an error naming the field and both types.
-`MESH_PRESETS` are the mesh shapes a config file can pick with `--config configs/x.py:preset`.
+valid names, a value of the wrong type is an error naming the field and both types, and a
+size or choice outside its valid values (the tables `_RULES` and `_choices`) is an error
+naming the field, the value and what is valid. `MESH_PRESETS` are the mesh shapes a config
+file can pick with `--config configs/x.py:preset`. The scripts' `--config` flag is in
+glm_jax.cli.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+import math
+from collections.abc import Callable
+from typing import Any, get_args
 
 from ml_collections import ConfigDict
 
@@ -239,8 +244,11 @@ def _check_model_overrides(path: str, overrides: ConfigDict) -> None:
 
 def validate_config(config: ConfigDict, schema: ConfigDict | None = None) -> None:
     """Raises ValueError for a field `default_config()` does not have (naming the closest
-    valid names) and TypeError for a value whose type differs from the default's."""
+    valid names), TypeError for a value whose type differs from the default's, and then
+    ValueError for a size or choice outside its valid values (`_RULES`, `_choices`), each
+    naming the field, the value and what is valid."""
     _validate(config, default_config() if schema is None else schema, "")
+    _check_values(config, "")
 
 
 def _validate(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:
@@ -262,51 +270,156 @@ def _validate(config: ConfigDict, schema: ConfigDict, prefix: str) -> None:
             _check_type(path, value, default)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """A valid value of a numeric or string field: `ok(value)`, described by `text`; checked
+    only where `applies(section)` (the section holding the field) is true."""
 
-def _exit_on_unknown_override(argv: list[str], error: Exception) -> None:
-    """Exits with one line for the first `--config.a.b=...` that names no field."""
-    import sys
+    ok: Callable[[Any], bool]
+    text: str
+    applies: Callable[[ConfigDict], bool] = lambda section: True
 
-    schema = default_config()
-    for arg in argv[1:]:
-        if not arg.startswith("--config."):
+
+def _at_least(low: int, why: str = "") -> _Rule:
+    return _Rule(lambda v: v >= low, f"must be >= {low}{why}")
+
+
+# NaN fails every comparison, so these refuse it too.
+_POSITIVE = _Rule(lambda v: math.isfinite(v) and v > 0, "must be finite and > 0")
+_NON_NEGATIVE = _Rule(lambda v: math.isfinite(v) and v >= 0, "must be finite and >= 0")
+_UNIT = _Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_COUNT = _at_least(1)
+
+
+def _bucket_edges(text: str) -> bool:
+    try:
+        edges = [int(x) for x in text.split(",")]
+    except ValueError:
+        return False
+    return edges[0] >= 0 and all(a < b for a, b in zip(edges, edges[1:], strict=False))
+
+
+# The valid values of every size field: "section.field", or "*.field" for that field in every
+# section that has it (a "section.field" entry takes precedence).
+_RULES: dict[str, _Rule] = {
+    "mesh.*": _Rule(lambda v: v >= 1 or v == -1,
+                    "must be >= 1, or -1 for the devices the other axes leave"),
+    "model.vocab_chunk": _COUNT,
+    "data.max_prompt_tokens": _COUNT,
+    "data.max_response_tokens": _COUNT,
+    # Every stage's optimiser and loop.
+    "*.batch_size": _COUNT,
+    "*.num_steps": _COUNT,
+    "*.learning_rate": _NON_NEGATIVE,
+    "*.warmup_steps": _at_least(0),
+    "*.end_lr_ratio": _NON_NEGATIVE,
+    "*.weight_decay": _NON_NEGATIVE,
+    "*.max_grad_norm": _Rule(lambda v: math.isfinite(v) and v >= 0,
+                             "must be finite and >= 0 (0 turns gradient clipping off)"),
+    "*.eval_every": _at_least(0, " (0: at the end only)"),
+    "*.checkpoint_every": _at_least(0, " (0: at the end only)"),
+    "*.keep_checkpoints": _at_least(1, ": 0 would keep no checkpoint, so a restart would "
+                                       "begin again at step 1"),
+    "*.log_every": _COUNT,
+    "*.max_nonfinite_steps": _at_least(0),
+    "*.sft_coef": _NON_NEGATIVE,
+    # Sampling (dpo, rsft, ppo).
+    "*.temperature": _POSITIVE,
+    "*.top_k": _at_least(0, " (0: no top-k cut)"),
+    "*.top_p": _Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "*.num_samples": _COUNT,
+    "rm.l2_coef": _NON_NEGATIVE,
+    "dpo.num_samples": _Rule(lambda v: v >= 2, "must be >= 2 in modes reward_pairs and "
+                             "online: a pair needs two samples per prompt",
+                             applies=lambda dpo: dpo.mode != "offline"),
+    "dpo.pair_margin": _NON_NEGATIVE,
+    "dpo.beta": _POSITIVE,
+    "ppo.minibatch_size": _COUNT,
+    "ppo.ppo_epochs": _COUNT,
+    "ppo.critic_learning_rate": _NON_NEGATIVE,
+    "ppo.clip_ratio": _POSITIVE,
+    "ppo.clip_value": _POSITIVE,
+    "ppo.value_coef": _NON_NEGATIVE,
+    "ppo.gamma": _UNIT,
+    "ppo.lam": _UNIT,
+    "ppo.kl_coef": _NON_NEGATIVE,
+    "ppo.kl_target": _Rule(lambda v: math.isfinite(v) and v >= 0,
+                           "must be finite and >= 0 (0: a fixed kl_coef)"),
+    "ppo.kl_horizon": _POSITIVE,
+    "ppo.sft_batch_size": _COUNT,
+    "ppo.no_eos_penalty": _NON_NEGATIVE,
+    "ppo.filter_samples": _Rule(lambda v: v == 0 or v >= 2, "must be 0 (no prompt filter) "
+                                "or >= 2 (a reward variance needs two samples)"),
+    "ppo.filter_min_variance": _NON_NEGATIVE,
+    "pipeline.num_sft": _COUNT,
+    "pipeline.num_capability_sft": _COUNT,
+    "pipeline.num_preference_prompts": _COUNT,
+    "pipeline.num_test_preference_prompts": _COUNT,
+    "pipeline.num_rl_prompts": _COUNT,
+    "pipeline.num_eval_prompts_per_task": _COUNT,
+    "pipeline.p_correct": _UNIT,
+    "pipeline.p_verbose": _UNIT,
+    "pipeline.p_tie": _UNIT,
+    "pipeline.p_cycle": _UNIT,
+    "pipeline.quality_scale": _NON_NEGATIVE,
+    "pipeline.length_bias": _Rule(math.isfinite, "must be finite"),
+    "pipeline.tie_margin": _NON_NEGATIVE,
+    "pipeline.bucket_edges": _Rule(_bucket_edges, "must be comma-separated integers >= 0 in "
+                                   "increasing order, e.g. '1,2,4,8'"),
+    "pipeline.annotate_samples": _at_least(2, ": the annotators compare two responses"),
+    "pipeline.eval_samples": _COUNT,
+    "pipeline.ablation_steps": _at_least(0, " (0: as many as the main runs)"),
+    "distributed.num_processes": _at_least(0, " (0: detected)"),
+    "distributed.process_id": _at_least(-1, " (-1: detected)"),
+    "metrics.peak_tflops": _NON_NEGATIVE,
+}
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The valid values of every choice field ("*.field" as in `_RULES`), read from the code
+    that uses them (imported here: those modules import this one)."""
+    from glm_jax.data.tokenizer import SPECIAL_TOKEN_MODES
+    from glm_jax.losses import KLKind
+    from glm_jax.models.attention import IMPLEMENTATIONS
+    from glm_jax.models.glm import DTYPES, REMAT_POLICIES
+    from glm_jax.train.common import TEMPLATES
+    from glm_jax.train.dpo import MODES
+
+    dtypes = tuple(DTYPES)
+    return {
+        "on_damaged_checkpoint": ("refuse", "previous"),
+        "model.dtype": dtypes, "model.param_dtype": dtypes, "model.moment_dtype": dtypes,
+        "model.frozen_dtype": ("", *dtypes),
+        "model.remat": tuple(REMAT_POLICIES), "model.attention": IMPLEMENTATIONS,
+        "data.template": tuple(TEMPLATES), "data.truncation": ("truncate", "drop"),
+        "data.on_error": ("raise", "skip"), "data.special_tokens": SPECIAL_TOKEN_MODES,
+        "*.best_mode": ("max", "min"),
+        "dpo.mode": MODES,
+        "ppo.kl_kind": get_args(KLKind), "ppo.critic_init": ("reward", "policy"),
+    }
+
+
+def _lookup(table: dict[str, Any], path: str) -> Any:
+    section, _, field = path.rpartition(".")
+    for key in (path, f"*.{field}", f"{section}.*"):
+        if key in table:
+            return table[key]
+    return None
+
+
+def _check_values(config: ConfigDict, prefix: str, choices: dict | None = None) -> None:
+    choices = _choices() if choices is None else choices
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if path == "model.tiny":
+            continue  # GlmConfig checks its own fields
+        if isinstance(value, ConfigDict):
+            _check_values(value, f"{path}.", choices)
             continue
-        path = arg[len("--config."):].split("=")[0].split(".")
-        section = schema
-        for depth, key in enumerate(path):
-            if not isinstance(section, ConfigDict) or key not in section:
-                where = ".".join(["config", *path[:depth]])
-                valid = list(section) if isinstance(section, ConfigDict) else []
-                sys.exit(f"error: {arg}: config.{'.'.join(path[:depth + 1])} is not a field "
-                         f"of {where}; {closest_fields(key, valid)}")
-            section = section[key]
-    raise error
-
-
-def define_config_flag(help_text: str = "glm_jax config file") -> None:
-    """`--config` (default configs/tiny.py) with `--config.section.field=value` overrides; a
-    misspelled override is one clear line naming the field and the closest valid names, not
-    a traceback from inside ml_collections."""
-    import sys
-
-    from ml_collections import config_flags
-
-    try:
-        config_flags.DEFINE_config_file("config", "configs/tiny.py", help_text)
-    except (AttributeError, KeyError) as e:
-        _exit_on_unknown_override(sys.argv, e)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing for the scripts (`app.run(main, flags_parser=parse_flags)`) with the
-    same one-line errors as `define_config_flag`."""
-    import sys
-
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"error: {e}")
-    except (AttributeError, KeyError) as e:
-        _exit_on_unknown_override(argv, e)
+        valid = _lookup(choices, path)
+        if valid is not None and value not in valid:
+            shown = ", ".join(v if v else "'' (unset)" for v in valid)
+            raise ValueError(f"config.{path} = {value!r}; valid values: {shown}")
+        rule = _lookup(_RULES, path)
+        if rule is not None and rule.applies(config) and not rule.ok(value):
+            raise ValueError(f"config.{path} = {value!r}: {rule.text}")

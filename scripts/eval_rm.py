@@ -1,4 +1,4 @@
-"""Evaluate a trained reward model, or score single responses with it.
+r"""Evaluate a trained reward model, or score single responses with it.
 
     python scripts/eval_rm.py --config configs/tiny.py --workdir runs/rm \
         --pairs test.jsonl [--output eval.json]
@@ -12,12 +12,12 @@ history?, task?) writes each record back with a "score" field.
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from glm_jax.config import define_config_flag, parse_flags
+from glm_jax import cli
 from glm_jax.train.reward import run_eval_cli
 
-define_config_flag("the config used to train the model")
+cli.define_flags("the config the reward model was trained with")
 flags.DEFINE_string("workdir", None, "the reward model's training workdir", required=True)
 flags.DEFINE_string("pairs", None, "preference JSONL to evaluate on")
 flags.DEFINE_string("output", None, "write the evaluation summary here as JSON")
@@ -35,4 +35,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import glm_jax
+from glm_jax import cli
 from glm_jax.data import CHATGLM3_TEMPLATE, GLM4_TEMPLATE, Tokenizer
 from glm_jax.generation import generate_text
+from glm_jax.models.convert import read_config
 from glm_jax.models.tiny import write_tiny_checkpoint
+from glm_jax.train.common import check_vocab
 
 TEMPLATES = {"glm4": GLM4_TEMPLATE, "chatglm3": CHATGLM3_TEMPLATE}
 
@@ -37,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--mesh", default=None,
                         help="data,fsdp,tensor sizes, e.g. 1,-1,1 (default: no mesh)")
+    cli.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -52,8 +56,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     mesh = None
     if args.mesh:
         mesh = glm_jax.make_mesh(glm_jax.MeshConfig(*(int(x) for x in args.mesh.split(","))))
-    model = glm_jax.from_pretrained(checkpoint, dtype=args.dtype, mesh=mesh)
+    vocab_size = read_config(checkpoint).vocab_size  # config.json alone, before any weights
     tokenizer = Tokenizer.from_dir(checkpoint)
+    check_vocab(tokenizer, vocab_size, str(checkpoint / "config.json"), str(tokenizer.path))
+    model = glm_jax.from_pretrained(checkpoint, dtype=args.dtype, mesh=mesh)
     kwargs = dict(template=TEMPLATES[args.template], max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   rng=args.seed)
@@ -69,4 +75,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, absl=False)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from glm_jax import cli
+
 # Order fixes the ids (0..7); glm_jax code and tests rely on these exact values.
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<pad>",
@@ -114,13 +116,14 @@ def write_tiny_tokenizer(out: str | Path = DEFAULT_OUT) -> int:
     return tokenizer.get_vocab_size(with_added_tokens=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output tokenizer.json")
-    args = parser.parse_args()
+    cli.add_debug_argument(parser)
+    args = parser.parse_args(argv)
     size = write_tiny_tokenizer(args.out)
     print(f"wrote {args.out} (vocab size {size})")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, absl=False)

@@ -12,12 +12,11 @@ response wins before and after balancing.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
+from glm_jax import cli
 from glm_jax.data import (
-    DataError,
     PreferencePair,
     Tokenizer,
     balance_by_length,
@@ -46,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-balance", action="store_true", help="skip length balancing")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                         help="on a bad input line: stop with its file:line, or skip it")
+    cli.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         edges = [int(x) for x in args.bucket_edges.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--bucket-edges: expected comma-separated integers, "
+        raise ValueError(f"--bucket-edges: expected comma-separated integers, "
                          f"got {args.bucket_edges!r}") from None
     token_length = (None if args.tokenizer is None
                     else tokenizer_length(Tokenizer.from_dir(args.tokenizer)))
@@ -103,7 +103,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli.run(main, absl=False)

@@ -2,19 +2,27 @@
 
     python scripts/run_pipeline.py --config configs/tiny.py --workdir runs/pipeline [--force]
 
-Reruns skip the stages already done (WORKDIR/<stage>/stage.json); --force redoes them all.
-The report is WORKDIR/report.md (with report.json and the PNG figures beside it).
+Each stage records the config fields it depends on (its own and those of the stages whose
+outputs it reads; not the runtime ones such as the mesh or metrics logging) in
+WORKDIR/<stage>/settings.json. A rerun skips the stages done with the same settings. When a
+stage was made with other settings (e.g. --config.seed=1 in a seed-0 workdir), the rerun
+refuses before changing anything, naming the first such stage and each field (old -> new);
+--force then redoes that stage and every stage after it, keeping the ones before it. With no
+difference, --force redoes every stage. The report is WORKDIR/report.md (with report.json
+and the PNG figures beside it).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from glm_jax.config import define_config_flag, parse_flags
+from glm_jax import cli
 from glm_jax.pipeline.run import run_pipeline
 
-define_config_flag()
+cli.define_flags()
 flags.DEFINE_string("workdir", None, "directory for every stage's outputs and the report",
                     required=True)
-flags.DEFINE_bool("force", False, "redo every stage, even those already done")
+flags.DEFINE_bool("force", False, "redo the first stage whose recorded settings differ "
+                  "from this config's and every stage after it, keeping the ones before it "
+                  "(every stage when none differs)")
 
 
 def main(argv: list[str]) -> None:
@@ -24,4 +32,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -1,4 +1,4 @@
-"""DPO (paper eq. 7); exports WORKDIR/hf. Three modes (config.dpo.mode):
+r"""DPO (paper eq. 7); exports WORKDIR/hf. Three modes (config.dpo.mode):
 
     # offline: annotated preference pairs
     python scripts/train_dpo.py --config configs/tiny.py --workdir runs/dpo \
@@ -15,12 +15,12 @@
         --config.dpo.reward_model=runs/rm --config.model.init_checkpoint=runs/sft/hf
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from glm_jax.config import define_config_flag, parse_flags
+from glm_jax import cli
 from glm_jax.train.dpo import train_dpo
 
-define_config_flag()
+cli.define_flags()
 flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics", required=True)
 
 
@@ -31,4 +31,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

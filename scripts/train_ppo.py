@@ -1,16 +1,16 @@
-"""PPO against a trained reward model (paper 3.4, eq. 3-6); exports WORKDIR/hf.
+r"""PPO against a trained reward model (paper 3.4, eq. 3-6); exports WORKDIR/hf.
 
     python scripts/train_ppo.py --config configs/tiny.py --workdir runs/ppo \
         --config.model.init_checkpoint=runs/sft/hf --config.ppo.reward_model=runs/rm \
         --config.ppo.prompt_file=prompts.jsonl
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from glm_jax.config import define_config_flag, parse_flags
+from glm_jax import cli
 from glm_jax.train.ppo import train_ppo
 
-define_config_flag()
+cli.define_flags()
 flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics", required=True)
 
 
@@ -21,4 +21,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -1,15 +1,15 @@
-"""Train a reward model on preference pairs (paper 3.3).
+r"""Train a reward model on preference pairs (paper 3.3).
 
     python scripts/train_rm.py --config configs/tiny.py --workdir runs/rm \
         --config.rm.train_file=prefs_train.jsonl --config.rm.eval_file=prefs_test.jsonl
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from glm_jax.config import define_config_flag, parse_flags
+from glm_jax import cli
 from glm_jax.train.reward import train_reward_model
 
-define_config_flag()
+cli.define_flags()
 flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics", required=True)
 
 
@@ -20,4 +20,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -1,4 +1,4 @@
-"""Rejection-sampling fine-tuning (best-of-N): sample, keep each prompt's best response by the
+r"""Rejection-sampling fine-tuning (best-of-N): sample, keep each prompt's best response by the
 reward model, then SFT on the winners; exports WORKDIR/sft/hf.
 
     python scripts/train_rsft.py --config configs/tiny.py --workdir runs/rsft \
@@ -6,12 +6,12 @@ reward model, then SFT on the winners; exports WORKDIR/sft/hf.
         --config.rsft.prompt_file=prompts.jsonl --config.rsft.num_samples=4
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from glm_jax.config import define_config_flag, parse_flags
+from glm_jax import cli
 from glm_jax.train.rejection import train_rsft
 
-define_config_flag()
+cli.define_flags()
 flags.DEFINE_string("workdir", None, "directory for the winners, checkpoints and metrics",
                     required=True)
 
@@ -23,4 +23,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -1,15 +1,15 @@
-"""Supervised fine-tuning on (prompt, response) pairs; exports WORKDIR/hf.
+r"""Supervised fine-tuning on (prompt, response) pairs; exports WORKDIR/hf.
 
     python scripts/train_sft.py --config configs/tiny.py --workdir runs/sft \
         --config.sft.train_file=sft.jsonl --config.sft.eval_file=sft_test.jsonl
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from glm_jax.config import define_config_flag, parse_flags
+from glm_jax import cli
 from glm_jax.train.sft import train_sft
 
-define_config_flag()
+cli.define_flags()
 flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics", required=True)
 
 
@@ -20,4 +20,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_train_reward import tiny_rm_config
+from tokenizers import Tokenizer as HFTokenizer
 
 from glm_jax.data.records import DataError
+from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.sharding import initialize_distributed
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.common import (
@@ -78,16 +80,25 @@ def test_restoring_onto_another_structure_names_the_first_difference(tmp_path, t
 def test_reward_model_with_another_vocabulary(rm_workdir):
     config, workdir = rm_workdir
     mesh = mesh_from_config(config)
-    with pytest.raises(ValueError, match=r"config.ppo.reward_model = .* has vocab_size 512, the "
-                                         r"policy 1024: they must share one tokenizer"):
-        load_reward_model(str(workdir), "config.ppo.reward_model", 1024, mesh)
+    bigger = HFTokenizer.from_file(str(Tokenizer.tiny().path))
+    bigger.add_special_tokens(["<extra>"])
+    (workdir.parent / "bigger").mkdir()
+    bigger.save(str(workdir.parent / "bigger" / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"config.ppo.reward_model = .* was trained with another "
+                                         r"tokenizer than the policy's: id 448 is absent in "
+                                         r".*/rm/tokenizer.json and '<extra>' \(special\) in "
+                                         r".*/bigger/tokenizer.json"):
+        load_reward_model(str(workdir), "config.ppo.reward_model",
+                          Tokenizer.from_dir(workdir.parent / "bigger"), mesh)
     with pytest.raises(FileNotFoundError, match=r"config.ppo.reward_model = '.*nowhere' is not "
                                                 r"a directory"):
-        load_reward_model(str(workdir.parent / "nowhere"), "config.ppo.reward_model", 512, mesh)
+        load_reward_model(str(workdir.parent / "nowhere"), "config.ppo.reward_model",
+                          Tokenizer.tiny(), mesh)
     (workdir.parent / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"config.ppo.reward_model = .*empty.*"
                                                 r"model_config.json is missing"):
-        load_reward_model(str(workdir.parent / "empty"), "config.ppo.reward_model", 512, mesh)
+        load_reward_model(str(workdir.parent / "empty"), "config.ppo.reward_model",
+                          Tokenizer.tiny(), mesh)
 
 
 def test_prompt_file_errors(tmp_path):

@@ -117,3 +117,124 @@ def test_script_misspelled_override_is_one_line(tmp_path):
         assert result.returncode != 0
         assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "rm").exists()
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("ppo.minibatch_size", 0, "config.ppo.minibatch_size = 0: must be >= 1"),
+    ("ppo.ppo_epochs", 0, "config.ppo.ppo_epochs = 0: must be >= 1"),
+    ("sft.batch_size", 0, "config.sft.batch_size = 0: must be >= 1"),
+    ("rsft.batch_size", 0, "config.rsft.batch_size = 0: must be >= 1"),
+    ("rm.num_steps", 0, "config.rm.num_steps = 0: must be >= 1"),
+    ("ppo.num_steps", -3, "config.ppo.num_steps = -3: must be >= 1"),
+    ("sft.keep_checkpoints", 0, "config.sft.keep_checkpoints = 0: must be >= 1: 0 would keep "
+                                "no checkpoint, so a restart would begin again at step 1"),
+    ("rm.log_every", 0, "config.rm.log_every = 0: must be >= 1"),
+    ("dpo.eval_every", -1, "config.dpo.eval_every = -1: must be >= 0 (0: at the end only)"),
+    ("ppo.checkpoint_every", -5, "config.ppo.checkpoint_every = -5: must be >= 0"),
+    ("rsft.num_samples", 0, "config.rsft.num_samples = 0: must be >= 1"),
+    ("ppo.filter_samples", 1, "config.ppo.filter_samples = 1: must be 0 (no prompt filter) "
+                              "or >= 2"),
+    ("data.max_prompt_tokens", 0, "config.data.max_prompt_tokens = 0: must be >= 1"),
+    ("data.max_response_tokens", 0, "config.data.max_response_tokens = 0: must be >= 1"),
+    ("model.vocab_chunk", 0, "config.model.vocab_chunk = 0: must be >= 1"),
+    ("ppo.sft_batch_size", 0, "config.ppo.sft_batch_size = 0: must be >= 1"),
+    ("pipeline.eval_samples", 0, "config.pipeline.eval_samples = 0: must be >= 1"),
+    ("pipeline.annotate_samples", 1, "config.pipeline.annotate_samples = 1: must be >= 2"),
+    ("pipeline.num_rl_prompts", 0, "config.pipeline.num_rl_prompts = 0: must be >= 1"),
+    ("pipeline.bucket_edges", "4,2", "config.pipeline.bucket_edges = '4,2': must be "
+                                     "comma-separated integers >= 0 in increasing order"),
+    ("sft.learning_rate", NAN, "config.sft.learning_rate = nan: must be finite and >= 0"),
+    ("rm.learning_rate", INF, "config.rm.learning_rate = inf: must be finite and >= 0"),
+    ("ppo.critic_learning_rate", -1e-4, "config.ppo.critic_learning_rate = -0.0001: must be "
+                                        "finite and >= 0"),
+    ("ppo.temperature", 0.0, "config.ppo.temperature = 0.0: must be finite and > 0"),
+    ("dpo.top_p", 0.0, "config.dpo.top_p = 0.0: must be in (0, 1]"),
+    ("rsft.top_p", 1.5, "config.rsft.top_p = 1.5: must be in (0, 1]"),
+    ("ppo.top_k", -1, "config.ppo.top_k = -1: must be >= 0"),
+    ("ppo.gamma", 1.5, "config.ppo.gamma = 1.5: must be in [0, 1]"),
+    ("ppo.lam", NAN, "config.ppo.lam = nan: must be in [0, 1]"),
+    ("ppo.clip_ratio", 0.0, "config.ppo.clip_ratio = 0.0: must be finite and > 0"),
+    ("ppo.clip_value", -0.2, "config.ppo.clip_value = -0.2: must be finite and > 0"),
+    ("dpo.beta", 0.0, "config.dpo.beta = 0.0: must be finite and > 0"),
+    ("ppo.kl_coef", -0.1, "config.ppo.kl_coef = -0.1: must be finite and >= 0"),
+    ("sft.weight_decay", -0.01, "config.sft.weight_decay = -0.01: must be finite and >= 0"),
+    ("rm.max_grad_norm", NAN, "config.rm.max_grad_norm = nan: must be finite and >= 0 "
+                              "(0 turns gradient clipping off)"),
+    ("ppo.kl_horizon", 0, "config.ppo.kl_horizon = 0: must be finite and > 0"),
+    ("mesh.fsdp", 0, "config.mesh.fsdp = 0: must be >= 1, or -1"),
+    ("mesh.data", -2, "config.mesh.data = -2: must be >= 1, or -1"),
+    ("data.truncation", "cut", "config.data.truncation = 'cut'; valid values: truncate, drop"),
+    ("data.on_error", "ignore", "config.data.on_error = 'ignore'; valid values: raise, skip"),
+    ("data.special_tokens", "keep", "config.data.special_tokens = 'keep'; valid values: "
+                                    "plain, refuse"),
+    ("data.template", "llama", "config.data.template = 'llama'; valid values: glm4, chatglm3"),
+    ("model.remat", "some", "config.model.remat = 'some'; valid values: none, full, "
+                            "save_dots"),
+    ("model.attention", "flash", "config.model.attention = 'flash'; valid values: auto, "
+                                 "dense, blockwise, xla, cudnn"),
+    ("model.dtype", "fp16", "config.model.dtype = 'fp16'; valid values: float32, bfloat16, "
+                            "float16"),
+    ("model.frozen_dtype", "int8", "config.model.frozen_dtype = 'int8'; valid values: '' "
+                                   "(unset), float32"),
+    ("model.moment_dtype", "fp8", "config.model.moment_dtype = 'fp8'; valid values"),
+    ("ppo.kl_kind", "k4", "config.ppo.kl_kind = 'k4'; valid values: k1, k2, k3"),
+    ("sft.best_mode", "maximum", "config.sft.best_mode = 'maximum'; valid values: max, min"),
+    ("dpo.mode", "ppo", "config.dpo.mode = 'ppo'; valid values: offline, reward_pairs, online"),
+    ("ppo.critic_init", "random", "config.ppo.critic_init = 'random'; valid values: reward, "
+                                  "policy"),
+    ("on_damaged_checkpoint", "skip", "config.on_damaged_checkpoint = 'skip'; valid values: "
+                                      "refuse, previous"),
+])
+def test_bad_size_or_choice_names_field_value_and_range(path, value, message):
+    config = default_config()
+    *sections, field = path.split(".")
+    section = config
+    for name in sections:
+        section = section[name]
+    section[field] = value
+    with pytest.raises(ValueError) as error:
+        validate_config(config)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_dpo_num_samples_needs_two_only_when_sampling():
+    config = default_config()
+    config.dpo.num_samples = 1
+    validate_config(config)  # offline mode samples nothing
+    config.dpo.mode = "online"
+    with pytest.raises(ValueError, match=r"config\.dpo\.num_samples = 1: must be >= 2 in modes "
+                                         r"reward_pairs and online: a pair needs two"):
+        validate_config(config)
+
+
+def test_the_edges_of_every_range_are_valid():
+    config = default_config()
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    config.sft.update(eval_every=0, checkpoint_every=0, keep_checkpoints=1, log_every=1,
+                      max_grad_norm=0.0, learning_rate=0.0, weight_decay=0.0)
+    config.ppo.update(filter_samples=2, top_p=1.0, top_k=0, gamma=1.0, lam=0.0, kl_coef=0.0,
+                      temperature=1e-3)
+    config.model.frozen_dtype = "bfloat16"
+    config.pipeline.bucket_edges = "0,3"
+    validate_config(config)
+    config.ppo.filter_samples = 0
+    validate_config(config)
+
+
+def test_every_rule_names_a_schema_field():
+    from glm_jax.config import _RULES, _choices
+
+    schema = default_config()
+    paths = {f"{s}.{f}" for s, v in schema.items() if isinstance(v, ConfigDict) for f in v}
+    paths |= {k for k, v in schema.items() if not isinstance(v, ConfigDict)}
+    for key in [*_RULES, *_choices()]:
+        section, _, field = key.rpartition(".")
+        if section == "*":
+            assert any(p.endswith(f".{field}") for p in paths), key
+        elif field == "*":
+            assert isinstance(schema[section], ConfigDict), key
+        else:
+            assert key in paths, key

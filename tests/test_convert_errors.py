@@ -112,3 +112,30 @@ def test_failed_save_keeps_the_previous_checkpoint(checkpoint, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         glm_jax.save_pretrained(model, checkpoint)
     assert (checkpoint / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_safetensors_file(checkpoint, damage):
+    weights = checkpoint / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"not a tensor" * 9)
+    with pytest.raises(CheckpointError, match=rf"{weights}: not a readable safetensors file "
+                       r"\(Error while deserializing header: .*\): it is truncated or corrupt, "
+                       r"e.g. by an interrupted copy or download. Export it again \(the training "
+                       r"stage's WORKDIR/hf, or save_pretrained\) or download it again"):
+        glm_jax.from_pretrained(checkpoint)
+
+
+def test_unreadable_shard_of_an_indexed_checkpoint(checkpoint):
+    tensors = load_file(checkpoint / "model.safetensors")
+    names = sorted(tensors)
+    for i, part in enumerate((names[:5], names[5:])):
+        save_file({n: tensors[n] for n in part}, checkpoint / f"model-{i + 1}-of-2.safetensors")
+    (checkpoint / "model.safetensors").unlink()
+    index = {"weight_map": {n: f"model-{1 + (n not in names[:5])}-of-2.safetensors"
+                            for n in names}}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    shard = checkpoint / "model-2-of-2.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=rf"{shard}: not a readable safetensors file"):
+        glm_jax.from_pretrained(checkpoint)

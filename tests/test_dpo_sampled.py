@@ -19,6 +19,7 @@ from glm_jax.models.heads import GlmRewardModel
 from glm_jax.models.tiny import tiny_config
 from glm_jax.sharding import make_mesh, shard_state
 from glm_jax.train.checkpoint import Checkpointer, save_model_config
+from glm_jax.train.common import save_tokenizer
 from glm_jax.train.dpo import (
     PAIRS_FILE,
     make_online_step,
@@ -37,12 +38,14 @@ PROMPTS = [PromptExample(prompt=f"item {i}", task=["alpha", "beta"][i % 2])
 
 
 def save_reward_workdir(path, model):
-    """`model` as a reward-model workdir that `load_trained_model` reads back."""
+    """`model` as a reward-model workdir that `load_trained_model` reads back (with the
+    tokenizer, which `load_reward_model` compares with the policy's)."""
     _, state = init_train_state(model, optax.identity())
     checkpointer = Checkpointer(path / "checkpoints")
     checkpointer.save(0, state)
     checkpointer.close()
     save_model_config(model.config, path)
+    save_tokenizer(Tokenizer.tiny(), path)
     return path
 
 

@@ -86,3 +86,58 @@ def test_too_many_nonfinite_steps_stop_the_run_and_checkpoints_stay_finite(tmp_p
     for _ in range(3):
         good_only, _ = step(good_only, {"x": jnp.ones((2, 4))})
     np.testing.assert_array_equal(restored.params["w"], good_only.params["w"])
+
+
+def test_a_nan_learning_rate_is_refused_and_never_saved(tmp_path):
+    tx, schedule = make_optimizer(learning_rate=float("nan"), num_steps=10)
+    step = make_train_step(loss_fn, tx, schedule, None, None)
+    state, metrics = step(initial_state(tx), {"x": jnp.ones((2, 4))})
+    assert int(metrics["skipped_nonfinite"]) == 1  # the update is not applied
+    np.testing.assert_array_equal(state.params["w"], np.full(4, 0.5))
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    with pytest.raises(FloatingPointError, match=r"test: the learning rate of step 1 is nan: "
+                                                 r"its update was skipped and nothing of it "
+                                                 r"saved; no checkpoint was written to .*Set a "
+                                                 r"finite learning_rate"):
+        train_loop(initial_state(tx), lambda _: step, Batches(good=100),
+                   mesh=make_mesh((1, 1, 1), jax.devices()[:1]), num_steps=5,
+                   checkpointer=checkpointer, writer=None, desc="test", checkpoint_every=1)
+    assert checkpointer.latest_step() is None
+    checkpointer.close()
+
+
+def test_nan_parameters_stop_the_run_before_any_save(tmp_path):
+    """Whatever a step checked, NaN in the state it returns is never checkpointed."""
+    tx, schedule = make_optimizer(learning_rate=0.1, num_steps=10)
+    good_step = make_train_step(loss_fn, tx, schedule, None, None)
+
+    def step(state, batch):  # poisons the parameters from step 3 on, unflagged
+        state, metrics = good_step(state, batch)
+        bad = jnp.where(state.step >= 3, jnp.nan, state.params["w"])
+        return state.replace(params={"w": bad}), metrics
+
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    with pytest.raises(FloatingPointError, match=r"test: step 3 left NaN/Inf in the parameters "
+                                                 r"or optimizer state.*nothing of it was saved; "
+                                                 r"the last good checkpoint, step 2 in .*, is "
+                                                 r"intact"):
+        train_loop(initial_state(tx), lambda _: step, Batches(good=100),
+                   mesh=make_mesh((1, 1, 1), jax.devices()[:1]), num_steps=5,
+                   checkpointer=checkpointer, writer=None, desc="test", checkpoint_every=1)
+    assert checkpointer.latest_step() == 2
+    restored, _ = checkpointer.restore(initial_state(tx))
+    checkpointer.close()
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(restored)))
+
+
+def test_ppo_update_with_a_nan_learning_rate_leaves_the_parameters_finite():
+    from test_ppo import ppo_config, run_iterations, single_device
+
+    config = ppo_config()
+    history, before, after, state = run_iterations(single_device(), config, 1,
+                                                   learning_rate=float("nan"))
+    settings = config.ppo
+    assert history[0]["skipped_nonfinite"] == (settings.ppo_epochs * settings.batch_size
+                                               // settings.minibatch_size)
+    for a, b in zip(jax.tree.leaves(before[:2]), jax.tree.leaves(after[:2]), strict=True):
+        np.testing.assert_array_equal(a, b)  # policy and critic untouched

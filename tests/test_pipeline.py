@@ -114,13 +114,18 @@ def test_report_counts_in_both_modes(tokenizer):
              PreferencePair("q5", long, long + "x")]  # both responses long
     report = build(pairs, tokenizer, max_prompt_tokens=24, max_response_tokens=8,
                    batch_size=1).report
-    assert report.to_dict() == {"num_pairs": 5, "num_kept": 5, "num_dropped": 0,
-                                "num_prompts_truncated": 1, "num_responses_truncated": 3}
+    # q5's responses are the same tokens once cut to 8: a pair that teaches nothing.
+    assert report.to_dict() == {"num_pairs": 5, "num_kept": 4, "num_dropped": 1,
+                                "num_prompts_truncated": 1, "num_responses_truncated": 3,
+                                "num_special_plain": 0, "num_special_dropped": 0,
+                                "num_ties": 0, "num_identical": 1}
     dataset = build(pairs, tokenizer, max_prompt_tokens=24, max_response_tokens=8, batch_size=1,
                     truncation="drop", shuffle=False, num_epochs=1)
     assert dataset.report.to_dict() == {"num_pairs": 5, "num_kept": 2, "num_dropped": 3,
                                         "num_prompts_truncated": 0,
-                                        "num_responses_truncated": 0}
+                                        "num_responses_truncated": 0,
+                                        "num_special_plain": 0, "num_special_dropped": 0,
+                                        "num_ties": 0, "num_identical": 0}
     kept = [tokenizer.decode(b["chosen_ids"][0][b["chosen_mask"][0]]) for b in dataset]
     assert [text.split("\n")[1] for text in kept] == ["q1", "q2"]
 

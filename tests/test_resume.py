@@ -208,3 +208,30 @@ def test_best_metric_errors(tmp_path):
                                          r"eval metric, but this reward model run has no "
                                          r"evaluation"):
         train_reward_model(config, tmp_path / "b")
+
+
+def test_sigterm_while_sampling_reference_responses_exits_0_writing_nothing(
+        tmp_path, monkeypatch, capsys):
+    from glm_jax.data import Tokenizer
+    from glm_jax.train import ppo
+
+    def interrupted_sampling(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-sampling
+        time.sleep(5)  # the handler stops the sampling before this ends
+        raise AssertionError("the sampling was not abandoned")
+
+    monkeypatch.setattr(ppo, "sample_prompts", interrupted_sampling)
+    config = ppo_config(prompt_file=str(tmp_path / "prompts.jsonl"),
+                        reward_model=str(tmp_path / "rm"), filter_samples=0,
+                        reference_reward=True)
+    previous = signal.getsignal(signal.SIGTERM)
+    ids = np.zeros((4, 8), np.int32)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.prepare_prompts(config, tmp_path, None, None, ids, ids > 0,
+                            [PromptExample(f"q{i}") for i in range(4)], Tokenizer.tiny(), None)
+    assert exit_info.value.code == 0
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
+    assert ("SIGTERM asked to stop: abandoned sampling for the reference responses; nothing "
+            "of it was written. Run the same command again to resume"
+            in capsys.readouterr().out)
+    assert list(tmp_path.iterdir()) == []  # no cache, no key, no temporary file

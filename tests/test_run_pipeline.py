@@ -1,6 +1,7 @@
 """The README's main job end to end, as a user runs it: every stage runs, the annotators judge
 the SFT model's samples, the report has every section, its numbers agree with the files the
-stages wrote, PPO beats SFT on gold quality, and a rerun skips the stages already done."""
+stages wrote, PPO beats SFT on gold quality, a rerun skips the stages already done (on 8
+devices where the run had 1: the mesh does not count) and one with another seed refuses."""
 
 import json
 import os
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from glm_jax.pipeline.report import SECTIONS
-from glm_jax.pipeline.run import Pipeline, run_pipeline
+from glm_jax.pipeline.report import SECTIONS, VERDICTS
+from glm_jax.pipeline.run import Pipeline, SettingsChanged, run_pipeline
 from glm_jax.pipeline.world import gold_quality
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,11 @@ def test_report_has_every_section_and_figure(pipeline_run):
         assert Path(figure).name in markdown
     report = json.loads(Path(summary["json"]).read_text())
     assert {f["claim"] for f in report["findings"]} == {f["claim"] for f in summary["findings"]}
-    assert all(isinstance(f["reproduced"], bool) for f in report["findings"])
+    for finding in report["findings"]:  # each verdict states the intervals it rests on
+        assert finding["reproduced"] in VERDICTS and "[" in finding["intervals"]
+        assert finding["intervals"] in markdown
+    assert {"reward_gain_ppo", "first_abs_reward_ppo_minus_ppo_no_ref"} <= set(
+        report["intervals"])
 
 
 def test_annotators_judged_the_sft_models_samples(pipeline_run):
@@ -118,6 +123,18 @@ def test_ppo_beats_sft_on_gold_quality(pipeline_run):
     _, summary = pipeline_run
     gold = json.loads(Path(summary["json"]).read_text())["gold_quality"]
     assert gold["ppo"] > gold["sft"], gold
+
+
+def test_rerun_with_another_seed_refuses_and_keeps_the_run(pipeline_run):
+    workdir, _ = pipeline_run
+    config_json, report_md = (workdir / "config.json").read_text(), (workdir / "report.md")
+    before = report_md.read_text()
+    config = reduced_config()
+    config.seed = 1
+    with pytest.raises(SettingsChanged, match=r"/world was made with .*seed: 0 -> 1.*--force"):
+        run_pipeline(config, workdir)
+    assert (workdir / "config.json").read_text() == config_json
+    assert report_md.read_text() == before
 
 
 def test_rerun_skips_finished_stages(pipeline_run, capsys):

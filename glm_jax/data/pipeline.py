@@ -3,11 +3,16 @@
 Every pair is tokenized once, eagerly, when the dataset is built: that gives the truncation
 report up front and leaves a dense source of kept pairs, so batch ``k`` is a pure function of
 (pairs, seed, k) and a checkpointed iterator position resumes exactly.
+
+Records that cannot teach are dropped and counted there too: a preference pair marked as a tie
+(the loss has no tie term, so it would train an arbitrary order), a pair whose chosen and
+rejected tokens are the same (zero gradient, and a wrong answer to every accuracy), and with
+``special_tokens="refuse"`` a record whose text holds a special-token string.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -15,7 +20,13 @@ import grain
 import numpy as np
 
 from glm_jax.data.records import PreferencePair, PromptExample, SFTExample
-from glm_jax.data.tokenizer import ChatTemplate, Tokenizer, encode_chat
+from glm_jax.data.tokenizer import (
+    SPECIAL_TOKEN_MODES,
+    ChatTemplate,
+    SpecialTokens,
+    Tokenizer,
+    encode_chat,
+)
 
 Truncation = Literal["truncate", "drop"]
 
@@ -34,16 +45,85 @@ class TokenizedPair:
 
 @dataclass(frozen=True)
 class TokenizationReport:
-    """Counts over all input pairs; with ``truncation="drop"`` nothing is truncated."""
+    """Counts over all input records; with ``truncation="drop"`` nothing is truncated.
+
+    ``num_dropped`` counts every dropped record: too long (``truncation="drop"``), holding
+    special-token text (``special_tokens="refuse"``: ``num_special_dropped``), a tie
+    (``num_ties``) or a pair with chosen == rejected tokens (``num_identical``).
+    ``num_special_plain`` counts the kept records whose special-token text was encoded as plain
+    text. ``str()`` gives the line the trainers print.
+    """
 
     num_pairs: int
     num_kept: int
     num_dropped: int
     num_prompts_truncated: int
     num_responses_truncated: int  # chosen and rejected counted separately
+    num_special_plain: int = 0
+    num_special_dropped: int = 0
+    num_ties: int = 0
+    num_identical: int = 0
+
+    @property
+    def num_too_long(self) -> int:
+        """Records dropped for their length."""
+        return (self.num_dropped - self.num_special_dropped - self.num_ties
+                - self.num_identical)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def __str__(self) -> str:
+        parts = [f"{self.num_kept} of {self.num_pairs} records kept; "
+                 f"{self.num_prompts_truncated} prompts and {self.num_responses_truncated} "
+                 "responses truncated"]
+        if self.num_too_long:
+            parts.append(f"{self.num_too_long} too long: dropped (config.data.truncation="
+                         "'drop')")
+        if self.num_special_plain:
+            parts.append(f"{self.num_special_plain} hold special-token text (e.g. <|user|>): "
+                         "encoded as plain text")
+        if self.num_special_dropped:
+            parts.append(f"{self.num_special_dropped} hold special-token text (e.g. <|user|>): "
+                         "dropped (config.data.special_tokens='refuse')")
+        if self.num_ties or self.num_identical:
+            parts.append(f"WARNING: {self.num_ties} pairs are ties, {self.num_identical} have "
+                         "chosen == rejected: dropped (they teach a preference nothing)")
+        return "; ".join(parts)
+
+
+def _check_modes(truncation: str, special_tokens: str) -> None:
+    if truncation not in ("truncate", "drop"):
+        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r} "
+                         "(config.data.truncation)")
+    if special_tokens not in SPECIAL_TOKEN_MODES:
+        raise ValueError(f"special_tokens must be one of {SPECIAL_TOKEN_MODES}, got "
+                         f"{special_tokens!r} (config.data.special_tokens)")
+
+
+def _nothing_left(what: str, source: str, report: TokenizationReport) -> ValueError:
+    """The error for a dataset without a single usable record, with the fix for each cause."""
+    fixes = []
+    if report.num_too_long:
+        fixes.append("raise config.data.max_prompt_tokens / max_response_tokens or set "
+                     "config.data.truncation='truncate'")
+    if report.num_special_dropped:
+        fixes.append("set config.data.special_tokens='plain'")
+    if report.num_ties or report.num_identical:
+        fixes.append("give pairs that are not ties and whose chosen and rejected differ")
+    return ValueError(f"{source}: no {what} left to batch ({report})"
+                      + (f": {'; '.join(fixes)}" if fixes else ""))
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """A short last batch (arrays `[n, ...]`, n <= batch_size) padded to `batch_size` rows by
+    repeating its first row, so that every batch runs one compiled program; adds `valid`
+    `[batch_size]` bool, False on the padding rows, which must count for nothing."""
+    size = len(next(iter(batch.values())))
+    padded = {k: np.concatenate([v, np.repeat(v[:1], batch_size - size, axis=0)])
+              for k, v in batch.items()}
+    padded["valid"] = np.arange(batch_size) < size
+    return padded
 
 
 @dataclass(frozen=True)
@@ -108,22 +188,26 @@ def _check_limits(tokenizer: Tokenizer, template: ChatTemplate, max_prompt_token
 def _tokenize_parts(
     prompt_text: str, history, responses: Sequence[str], tokenizer: Tokenizer,
     template: ChatTemplate, num_prefix: int, max_prompt_tokens: int, max_response_tokens: int,
-    truncation: Truncation,
-) -> tuple[tuple[list[int], list[list[int]]] | None, int, int]:
-    """((prompt ids, response ids) or None if dropped, prompts truncated, responses truncated).
+    truncation: Truncation, special_tokens: SpecialTokens = "plain",
+) -> tuple[tuple[list[int], list[list[int]]] | None, int, int, bool]:
+    """((prompt ids, response ids) or None if dropped, prompts truncated, responses truncated,
+    whether the record's text holds a special-token string).
 
-    Every response ends with EOS.
+    Every response ends with EOS; special-token strings in the record's text are encoded as
+    plain text, or with ``special_tokens="refuse"`` drop the record.
     """
+    _check_modes(truncation, special_tokens)
+    texts = [prompt_text, *(turn for pair in history for turn in pair), *responses]
+    special = any(tokenizer.special_tokens_in(text) for text in texts)
+    if special and special_tokens == "refuse":
+        return None, 0, 0, True
     prompt = encode_chat(tokenizer, template, prompt_text, history)
     eos = tokenizer.eos_token_ids[0]
-    encoded = [tokenizer.encode(r) + [eos] for r in responses]
+    encoded = [tokenizer.encode_plain(r) + [eos] for r in responses]
     prompt_over = len(prompt) > max_prompt_tokens
     responses_over = [len(r) > max_response_tokens for r in encoded]
-    if truncation == "drop":
-        if prompt_over or any(responses_over):
-            return None, 0, 0
-    elif truncation != "truncate":
-        raise ValueError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+    if truncation == "drop" and (prompt_over or any(responses_over)):
+        return None, 0, 0, special
     if prompt_over:
         # The prefix ([gMASK]<sop>) is what the model was trained to see first; the oldest
         # dialogue turns matter least for judging the final response.
@@ -131,24 +215,26 @@ def _tokenize_parts(
         prompt = prompt[:num_prefix] + prompt[-keep:]
     encoded = [r[: max_response_tokens - 1] + [eos] if over else r
                for r, over in zip(encoded, responses_over, strict=True)]
-    return (prompt, encoded), int(prompt_over), sum(responses_over)
+    return (prompt, encoded), int(prompt_over), sum(responses_over), special
 
 
 def _tokenize(
     pair: PreferencePair, tokenizer: Tokenizer, template: ChatTemplate, num_prefix: int,
     max_prompt_tokens: int, max_response_tokens: int, truncation: Truncation,
-) -> tuple[TokenizedPair | None, int, int]:
-    """(tokenized pair or None if dropped, prompts truncated, responses truncated)."""
-    parts, n_prompt, n_responses = _tokenize_parts(
+    special_tokens: SpecialTokens = "plain",
+) -> tuple[TokenizedPair | None, int, int, bool]:
+    """(tokenized pair or None if dropped, prompts truncated, responses truncated, whether
+    its text holds a special-token string)."""
+    parts, n_prompt, n_responses, special = _tokenize_parts(
         pair.prompt, pair.history, (pair.chosen, pair.rejected), tokenizer, template,
-        num_prefix, max_prompt_tokens, max_response_tokens, truncation)
+        num_prefix, max_prompt_tokens, max_response_tokens, truncation, special_tokens)
     if parts is None:
-        return None, 0, 0
+        return None, 0, 0, special
     prompt, (chosen, rejected) = parts
     tokenized = TokenizedPair(prompt, chosen, rejected, pair.task,
                               prompt_truncated=bool(n_prompt),
                               response_truncated=bool(n_responses))
-    return tokenized, n_prompt, n_responses
+    return tokenized, n_prompt, n_responses, special
 
 
 def tokenize_record(
@@ -159,10 +245,12 @@ def tokenize_record(
     max_prompt_tokens: int,
     max_response_tokens: int,
     truncation: Truncation = "truncate",
+    special_tokens: SpecialTokens = "plain",
 ) -> dict[str, list[int]] | None:
     """Token ids of any record kind, by the same rules as `tokenize_pair`: `prompt` always,
     `chosen` and `rejected` for a preference pair, `response` for an SFT example. None when
-    `truncation="drop"` and the record is too long."""
+    `truncation="drop"` and the record is too long, or `special_tokens="refuse"` and its text
+    holds a special-token string."""
     num_prefix = _check_limits(tokenizer, template, max_prompt_tokens, max_response_tokens)
     if isinstance(record, PreferencePair):
         names, texts = ("chosen", "rejected"), (record.chosen, record.rejected)
@@ -170,8 +258,9 @@ def tokenize_record(
         names, texts = ("response",), (record.response,)
     else:
         names, texts = (), ()
-    parts, _, _ = _tokenize_parts(record.prompt, record.history, texts, tokenizer, template,
-                                  num_prefix, max_prompt_tokens, max_response_tokens, truncation)
+    parts, _, _, _ = _tokenize_parts(record.prompt, record.history, texts, tokenizer, template,
+                                     num_prefix, max_prompt_tokens, max_response_tokens,
+                                     truncation, special_tokens)
     if parts is None:
         return None
     prompt, responses = parts
@@ -186,16 +275,48 @@ def tokenize_pair(
     max_prompt_tokens: int,
     max_response_tokens: int,
     truncation: Truncation = "truncate",
+    special_tokens: SpecialTokens = "plain",
 ) -> TokenizedPair | None:
     """Tokenize a pair: the chat-rendered prompt, and each response followed by EOS.
 
     An over-long prompt loses its oldest tokens after the template prefix (the prefix and the
     most recent turns stay); an over-long response is cut at the end but keeps its final EOS.
-    With ``truncation="drop"`` an over-long pair gives None instead.
+    With ``truncation="drop"`` an over-long pair gives None instead. A special-token string in
+    the pair's text is encoded as plain text, or gives None with ``special_tokens="refuse"``.
     """
     num_prefix = _check_limits(tokenizer, template, max_prompt_tokens, max_response_tokens)
     return _tokenize(pair, tokenizer, template, num_prefix, max_prompt_tokens,
-                     max_response_tokens, truncation)[0]
+                     max_response_tokens, truncation, special_tokens)[0]
+
+
+def tokenize_prompts(
+    prompts: Sequence[PromptExample],
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    *,
+    max_prompt_tokens: int,
+    truncation: Truncation = "truncate",
+    special_tokens: SpecialTokens = "plain",
+) -> tuple[list[list[int] | None], TokenizationReport]:
+    """The chat-rendered ids of each prompt (None where dropped, by the rules of
+    `tokenize_pair`) and the counts."""
+    num_prefix = _check_limits(tokenizer, template, max_prompt_tokens, 2)
+    out: list[list[int] | None] = []
+    truncated = special_plain = special_dropped = 0
+    for prompt in prompts:
+        parts, n_prompt, _, special = _tokenize_parts(
+            prompt.prompt, prompt.history, (), tokenizer, template, num_prefix,
+            max_prompt_tokens, 2, truncation, special_tokens)
+        out.append(None if parts is None else parts[0])
+        truncated += n_prompt
+        special_plain += special and parts is not None
+        special_dropped += special and special_tokens == "refuse"
+    num_kept = sum(ids is not None for ids in out)
+    report = TokenizationReport(
+        num_pairs=len(prompts), num_kept=num_kept, num_dropped=len(prompts) - num_kept,
+        num_prompts_truncated=truncated, num_responses_truncated=0,
+        num_special_plain=special_plain, num_special_dropped=special_dropped)
+    return out, report
 
 
 class _BatchedDataset:
@@ -261,6 +382,12 @@ class PreferenceDataset(_BatchedDataset):
     ``[i*b/n, (i+1)*b/n)`` of every global batch. ``iter(dataset)`` gives a grain
     ``DatasetIterator`` whose ``get_state()`` (a small dict) and ``set_state()`` resume exactly
     on a dataset built with the same arguments. ``report`` holds the truncation counts.
+
+    Ties and pairs whose chosen and rejected tokens are the same are dropped (counted in
+    ``report``); ``special_tokens`` says what a special-token string in a pair's text does
+    ("plain": encoded as text, "refuse": the pair is dropped). ``source`` (e.g.
+    ``"config.rm.train_file = 'x.jsonl'"``) names the pairs' origin in the error raised when
+    none is left.
     """
 
     def __init__(
@@ -274,6 +401,8 @@ class PreferenceDataset(_BatchedDataset):
         max_response_tokens: int,
         max_length: int | None = None,
         truncation: Truncation = "truncate",
+        special_tokens: SpecialTokens = "plain",
+        source: str = "the input",
         seed: int = 0,
         shuffle: bool = True,
         num_epochs: int | None = None,
@@ -282,6 +411,7 @@ class PreferenceDataset(_BatchedDataset):
         process_count: int = 1,
     ) -> None:
         _check_batching(batch_size, drop_remainder, process_index, process_count)
+        _check_modes(truncation, special_tokens)
         num_prefix = _check_limits(tokenizer, template, max_prompt_tokens, max_response_tokens)
         self.batch_size = batch_size
         self.max_length = max_length or max_prompt_tokens + max_response_tokens
@@ -291,14 +421,23 @@ class PreferenceDataset(_BatchedDataset):
 
         # Compact int32 arrays: Python int lists would cost ~10x the memory at paper scale.
         kept: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
-        prompts_truncated = responses_truncated = 0
+        prompts_truncated = responses_truncated = special_plain = special_dropped = 0
+        ties = identical = 0
         for i, pair in enumerate(pairs):
-            tokenized, n_prompt, n_response = _tokenize(
+            if pair.tie:
+                ties += 1
+                continue
+            tokenized, n_prompt, n_response, special = _tokenize(
                 pair, tokenizer, template, num_prefix, max_prompt_tokens, max_response_tokens,
-                truncation)
+                truncation, special_tokens)
             prompts_truncated += n_prompt
             responses_truncated += n_response
+            special_plain += special and tokenized is not None
+            special_dropped += special and special_tokens == "refuse"
             if tokenized is None:
+                continue
+            if tokenized.chosen_ids == tokenized.rejected_ids:
+                identical += 1
                 continue
             longest = len(tokenized.prompt_ids) + max(len(tokenized.chosen_ids),
                                                       len(tokenized.rejected_ids))
@@ -313,9 +452,10 @@ class PreferenceDataset(_BatchedDataset):
         self.report = TokenizationReport(
             num_pairs=len(pairs), num_kept=len(kept), num_dropped=len(pairs) - len(kept),
             num_prompts_truncated=prompts_truncated,
-            num_responses_truncated=responses_truncated)
+            num_responses_truncated=responses_truncated, num_special_plain=special_plain,
+            num_special_dropped=special_dropped, num_ties=ties, num_identical=identical)
         if not kept:
-            raise ValueError(f"no preference pairs left to batch ({self.report})")
+            raise _nothing_left("preference pairs", source, self.report)
 
         self._batch(kept, self._encode, batch_size=batch_size, seed=seed, shuffle=shuffle,
                     num_epochs=num_epochs, drop_remainder=drop_remainder,
@@ -354,7 +494,8 @@ class SFTDataset(_BatchedDataset):
       trained to predict from the tokens before it;
     - ``task_index``: ``[batch]`` int32, index into ``self.tasks``, -1 for no task.
 
-    Truncation, determinism, resume and process sharding as in ``PreferenceDataset``.
+    Truncation, special tokens, ``source``, determinism, resume and process sharding as in
+    ``PreferenceDataset``.
     ``PackedSFTDataset`` packs several examples per row instead.
     """
 
@@ -368,6 +509,8 @@ class SFTDataset(_BatchedDataset):
         max_prompt_tokens: int,
         max_response_tokens: int,
         truncation: Truncation = "truncate",
+        special_tokens: SpecialTokens = "plain",
+        source: str = "the input",
         seed: int = 0,
         shuffle: bool = True,
         num_epochs: int | None = None,
@@ -376,19 +519,23 @@ class SFTDataset(_BatchedDataset):
         process_count: int = 1,
     ) -> None:
         _check_batching(batch_size, drop_remainder, process_index, process_count)
+        _check_modes(truncation, special_tokens)
         num_prefix = _check_limits(tokenizer, template, max_prompt_tokens, max_response_tokens)
+        self.batch_size = batch_size
         self.max_length = max_prompt_tokens + max_response_tokens
         self.pad_token_id = tokenizer.pad_token_id
         self.tasks: list[str] = sorted({e.task for e in examples if e.task is not None})
         task_index = {task: i for i, task in enumerate(self.tasks)}
         kept: list[_SFTItem] = []
-        prompts_truncated = responses_truncated = 0
+        prompts_truncated = responses_truncated = special_plain = special_dropped = 0
         for example in examples:
-            parts, n_prompt, n_response = _tokenize_parts(
+            parts, n_prompt, n_response, special = _tokenize_parts(
                 example.prompt, example.history, (example.response,), tokenizer, template,
-                num_prefix, max_prompt_tokens, max_response_tokens, truncation)
+                num_prefix, max_prompt_tokens, max_response_tokens, truncation, special_tokens)
             prompts_truncated += n_prompt
             responses_truncated += n_response
+            special_plain += special and parts is not None
+            special_dropped += special and special_tokens == "refuse"
             if parts is not None:
                 prompt, (response,) = parts
                 kept.append((np.asarray(prompt, np.int32), np.asarray(response, np.int32),
@@ -396,9 +543,10 @@ class SFTDataset(_BatchedDataset):
         self.report = TokenizationReport(
             num_pairs=len(examples), num_kept=len(kept), num_dropped=len(examples) - len(kept),
             num_prompts_truncated=prompts_truncated,
-            num_responses_truncated=responses_truncated)
+            num_responses_truncated=responses_truncated, num_special_plain=special_plain,
+            num_special_dropped=special_dropped)
         if not kept:
-            raise ValueError(f"no SFT examples left to batch ({self.report})")
+            raise _nothing_left("SFT examples", source, self.report)
         self._batch(self._rows(kept, seed=seed, shuffle=shuffle), self._encode,
                     batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                     drop_remainder=drop_remainder, process_index=process_index,

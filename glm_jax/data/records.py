@@ -174,28 +174,41 @@ def read_jsonl(
     kind: RecordKind,
     *,
     on_error: Literal["raise", "skip"] = "raise",
+    field: str | None = None,
 ) -> tuple[list[Record], ReadReport]:
     """Read and validate a JSONL file of ``kind`` records.
 
-    Blank lines are ignored. A bad line (invalid JSON, not an object, a missing required field,
-    a field of the wrong type, an empty chosen/rejected/response) raises ``DataError`` naming
-    ``path:line: field`` with ``on_error="raise"``, and is counted in the report and skipped
-    with ``on_error="skip"``.
+    Blank lines are ignored. A bad line (invalid UTF-8, invalid JSON, not an object, a missing
+    required field, a field of the wrong type, an empty chosen/rejected/response) raises
+    ``DataError`` naming ``path:line: field`` with ``on_error="raise"``, and is counted in the
+    report and skipped with ``on_error="skip"``.
+
+    ``field`` names the config field the path came from (e.g. ``"config.rm.train_file"``): with
+    it, a missing file raises ``FileNotFoundError`` and a file without a single valid record
+    raises ``DataError``, both naming the field and the path.
     """
     if kind not in _SCHEMAS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {sorted(_SCHEMAS)}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if field is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"{field} = {str(path)!r} does not exist (or is not a file): "
+                                f"set it to a {kind} JSONL file")
     records: list[Record] = []
     skipped: list[int] = []
     first_error: str | None = None
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    # Bytes, decoded line by line: a bad byte is then a bad line like any other, with its
+    # number, instead of an error for the whole file.
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
             try:
+                line = _decode_line(raw, path, line_number)
+                if not line.strip():
+                    continue
                 try:
-                    obj = json.loads(line)
+                    # Without the line break, an error at the end of the line reports that
+                    # column (json would report line 2, column 1).
+                    obj = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{line_number}: invalid JSON: {e.msg} "
                                     f"(column {e.colno})") from None
@@ -210,7 +223,20 @@ def read_jsonl(
                 first_error = first_error or str(e)
     report = ReadReport(num_read=len(records), num_skipped=len(skipped),
                         first_skipped_lines=skipped[:5], first_error=first_error)
+    if field is not None and not records:
+        detail = (f": all {len(skipped)} lines are bad (first: {first_error})" if skipped
+                  else " (the file is empty or blank)")
+        raise DataError(f"{field} = {str(path)!r} has no records{detail}; point it at a "
+                        f"JSONL file with one {kind} record per line")
     return records, report
+
+
+def _decode_line(raw: bytes, path: str | os.PathLike, line_number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{line_number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                        f"byte {e.start + 1} of the line): save the file as UTF-8") from None
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Record | dict[str, Any]]) -> None:
@@ -218,6 +244,9 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Record | dict[str, An
     ``os.replace``)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0o022)  # read it (and put it back): mkstemp's 0600 is not the usual mode
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for record in records:

@@ -4,6 +4,9 @@
 a Hugging Face ``tokenizer.json`` (``tokenizers`` library) or a sentencepiece
 ``tokenizer.model``. ``ChatTemplate`` renders the GLM chat format as plain text; special-token
 strings in that text (``[gMASK]``, ``<|user|>``, ...) encode to their single special ids.
+``encode_chat`` keeps that for the template's own text only: a special-token string written
+inside a record's text is encoded as ordinary text (``Tokenizer.encode_plain``), so user text
+can never end a response or open a turn.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer as HFTokenizer
 
 HF_FILENAME = "tokenizer.json"
@@ -50,11 +54,19 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "</s>",
 )
 
+# What becomes of a record whose text holds a special-token string (config.data.special_tokens):
+# "plain" encodes it as ordinary text, "refuse" drops the record.
+SpecialTokens = Literal["plain", "refuse"]
+SPECIAL_TOKEN_MODES: tuple[str, ...] = ("plain", "refuse")
+
 
 class _Backend(Protocol):
     vocab_size: int
+    special_tokens: dict[str, int]  # special-token string -> id
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_plain(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str: ...
 
@@ -67,11 +79,24 @@ class _HFBackend:
     def __init__(self, path: Path) -> None:
         self._tok = HFTokenizer.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.special_tokens = {token.content: i for i, token
+                               in self._tok.get_added_tokens_decoder().items() if token.special}
 
     def encode(self, text: str) -> list[int]:
         # add_special_tokens=False: the chat template already spells out every special token,
         # and a post-processor (e.g. GLM's prefix) would otherwise duplicate them.
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_plain(self, text: str) -> list[int]:
+        # encode() splits added tokens out of the text before anything else, with no switch to
+        # turn that off; the normalizer, pre-tokenizer and model it then runs on the rest are
+        # called here directly, so that the text between added tokens is encoded as encode()
+        # would, and added-token strings are spelled like any other text.
+        tok = self._tok
+        normalized = tok.normalizer.normalize_str(text) if tok.normalizer else text
+        pieces = (tok.pre_tokenizer.pre_tokenize_str(normalized) if tok.pre_tokenizer
+                  else [(normalized, None)])
+        return [token.id for piece, _ in pieces for token in tok.model.tokenize(piece)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -87,6 +112,10 @@ class _SPBackend:
     tell user-defined pieces from ordinary ones, so the control pieces plus those of
     ``SPECIAL_TOKENS`` in the vocab are located with a regex and mapped to their ids, and only
     the text between them goes through ``encode_as_ids``.
+
+    ``encode_plain`` uses a second processor over the same model in which those special pieces
+    are marked unused (sentencepiece never emits an unused piece), so their strings are spelled
+    with ordinary pieces (byte pieces where the vocab has no piece for a character).
     """
 
     def __init__(self, path: Path) -> None:
@@ -100,6 +129,8 @@ class _SPBackend:
             if i is not None:
                 self._special[token] = i
         self._special_ids = frozenset(self._special.values())
+        self.special_tokens = dict(self._special)
+        self._plain_sp = _without_pieces(path, self._special_ids)
         # Longest first so that a special token containing another one wins the match.
         names = sorted(self._special, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, names))) if names else None
@@ -117,6 +148,9 @@ class _SPBackend:
         if start < len(text):
             ids.extend(self._sp.encode_as_ids(text[start:]))
         return ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        return list(self._plain_sp.encode_as_ids(text))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         # Decode each run between special ids on its own: encode() encoded those runs separately
@@ -144,12 +178,25 @@ class _SPBackend:
         return None
 
 
+def _without_pieces(path: Path, ids: frozenset[int]) -> spm.SentencePieceProcessor:
+    """A processor of the model at `path` that never emits the pieces `ids`."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    for i in ids:
+        proto.pieces[i].type = sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
 class Tokenizer:
     """One interface over a ``tokenizer.json`` or a sentencepiece ``tokenizer.model``."""
 
     def __init__(self, backend: _Backend, path: Path) -> None:
         self._backend = backend
         self.path = path
+        # Longest first so that a special token containing another one wins the match.
+        names = sorted(backend.special_tokens, key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(map(re.escape, names))) if names else None
+        self._special_ids = frozenset(backend.special_tokens.values())
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -187,6 +234,29 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Text to ids; adds no special tokens, but maps special-token strings to their ids."""
         return self._backend.encode(text)
+
+    def special_tokens_in(self, text: str) -> list[str]:
+        """The special-token strings (``<|user|>``, ``<|endoftext|>``, ...) written in `text`."""
+        if self._special_pattern is None:
+            return []
+        return self._special_pattern.findall(text)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Text to ids with every special-token string in it encoded as ordinary text: what a
+        record's own text (a prompt, a response, a dialogue turn) must be encoded with.
+
+        Text without such strings encodes exactly as ``encode``. Raises ValueError if the
+        tokenizer still produced a special id (it cannot spell the text otherwise).
+        """
+        if not self.special_tokens_in(text):
+            return self.encode(text)
+        ids = self._backend.encode_plain(text)
+        special = sorted(self._special_ids.intersection(ids))
+        if special:
+            raise ValueError(f"{self.path} cannot encode {text[:80]!r} as plain text: it "
+                             f"gives special ids {special}; set config.data.special_tokens="
+                             "'refuse' to drop such records")
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Ids to text, dropping special tokens unless ``skip_special_tokens`` is False."""
@@ -235,9 +305,15 @@ class ChatTemplate:
 
     def render(self, prompt: str, history: Sequence[tuple[str, str]] = ()) -> str:
         """Render prefix, each (user, assistant) pair, the final user turn and the gen prompt."""
+        return "".join(text for text, _ in self.parts(prompt, history))
+
+    def parts(self, prompt: str, history: Sequence[tuple[str, str]] = ()
+              ) -> list[tuple[str, bool]]:
+        """`render`'s text as (text, is_content) pieces: is_content marks the record's own text
+        (prompt and history turns), False the template's."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-        parts = [self.prefix]
+        parts = [(self.prefix, False)]
         for index, entry in enumerate(history):
             if (
                 not isinstance(entry, (tuple, list))
@@ -248,11 +324,19 @@ class ChatTemplate:
                     f"history[{index}] must be a (user, assistant) pair of strings, got {entry!r}"
                 )
             user, assistant = entry
-            parts.append(self.user.replace("{content}", user))
-            parts.append(self.assistant.replace("{content}", assistant))
-        parts.append(self.user.replace("{content}", prompt))
-        parts.append(self.generation_prompt)
-        return "".join(parts)
+            parts += _fill(self.user, user) + _fill(self.assistant, assistant)
+        parts += _fill(self.user, prompt)
+        parts.append((self.generation_prompt, False))
+        return parts
+
+
+def _fill(turn: str, content: str) -> list[tuple[str, bool]]:
+    """A turn template with `content` in place of its ``{content}``, as `parts` pieces."""
+    first, *rest = turn.split("{content}")
+    parts = [(first, False)]
+    for piece in rest:
+        parts += [(content, True), (piece, False)]
+    return parts
 
 
 GLM4_TEMPLATE = ChatTemplate()
@@ -270,5 +354,24 @@ def encode_chat(
     prompt: str,
     history: Sequence[tuple[str, str]] = (),
 ) -> list[int]:
-    """Render a chat prompt with ``template`` and encode it (no extra special tokens)."""
-    return tokenizer.encode(template.render(prompt, history))
+    """Render a chat prompt with ``template`` and encode it (no extra special tokens).
+
+    Special-token strings inside the prompt or history are encoded as ordinary text
+    (``Tokenizer.encode_plain``); without any, this is ``tokenizer.encode`` of the rendered text.
+    """
+    parts = template.parts(prompt, history)
+    if not any(tokenizer.special_tokens_in(text) for text, is_content in parts if is_content):
+        return tokenizer.encode("".join(text for text, _ in parts))
+    ids: list[int] = []
+    template_text = ""  # consecutive template pieces, encoded together as `encode` would
+    for text, is_content in parts:
+        if not is_content:
+            template_text += text
+            continue
+        if template_text:
+            ids += tokenizer.encode(template_text)
+            template_text = ""
+        ids += tokenizer.encode_plain(text)
+    if template_text:
+        ids += tokenizer.encode(template_text)
+    return ids

@@ -35,6 +35,105 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the tensor."""
 
 
+# ----------------------------------------------------------------------------- directory kinds
+
+# What each kind of directory is, in words, for the errors of a directory given in the wrong
+# place (a workdir where a Hugging Face export is expected, and the other way round).
+KINDS = {
+    "hf": "a Hugging Face model directory (config.json with a model_type)",
+    "policy": "a policy training workdir (SFT, DPO, PPO or RSFT: its checkpoints hold a "
+              "language model, no reward head)",
+    "reward": "a reward-model workdir (scripts/train_rm.py: its checkpoints hold a reward head)",
+    "workdir": "a glm_jax training workdir without a readable checkpoint",
+    "pipeline": "a pipeline workdir (scripts/run_pipeline.py: data/ and one directory per stage)",
+    "missing": "not a directory",
+    "other": "neither a Hugging Face model directory nor a glm_jax workdir",
+}
+EXPECTED = {
+    "hf": "a Hugging Face model directory such as runs/sft/hf (the training scripts export "
+          "one to WORKDIR/hf)",
+    "reward": "a reward-model workdir written by scripts/train_rm.py (model_config.json and "
+              "checkpoints/ holding a reward head)",
+}
+
+
+def directory_kind(path: str | os.PathLike) -> str:
+    """What directory `path` holds, one of `KINDS`, told from its file names, config.json and
+    (for a training workdir) the parameter names in its latest checkpoint's metadata: no
+    weights are read."""
+    path = Path(path)
+    if not path.is_dir():
+        return "missing"
+    config_file = path / "config.json"
+    if config_file.is_file():
+        try:
+            raw = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raw = None  # reading it as a checkpoint reports the line
+        if isinstance(raw, dict) and "model_type" in raw:
+            return "hf"
+    if (path / "model_config.json").is_file():
+        head = _checkpoint_head(path / "checkpoints")
+        if head is None and (path / "hf").is_dir():
+            head = "policy"  # only language models are exported
+        return head or "workdir"
+    if (path / "data").is_dir() and any(path.glob("*/stage.json")):
+        return "pipeline"
+    return "other"
+
+
+def _checkpoint_head(directory: Path) -> str | None:
+    """"reward" or "policy" by the parameters of the newest orbax checkpoint in `directory`
+    whose metadata reads (None without one): a reward model's have `head_kernel`, a policy's
+    `lm_head` (PPO keeps its critic apart, in `critic_params`)."""
+    if not directory.is_dir():
+        return None
+    import orbax.checkpoint as ocp
+
+    # Unfinished saves are named "<step>.orbax-checkpoint-tmp-...": not digits.
+    for step in sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()),
+                       reverse=True):
+        try:
+            metadata = ocp.PyTreeCheckpointHandler().metadata(directory / str(step) / "state")
+        except (OSError, ValueError):  # a damaged step: its loader reports it
+            continue
+        params = getattr(metadata, "tree", metadata).get("params", {})
+        if "head_kernel" in params:
+            return "reward"
+        if "lm_head" in params:
+            return "policy"
+    return None
+
+
+def require_kind(path: str | os.PathLike, expected: str, field: str = "") -> None:
+    """Raises CheckpointError when `path` (config `field`, if any) is a directory of a known
+    kind other than `expected` ("hf" or "reward"), saying what it is and what to give instead.
+    A missing or unrecognised directory passes: its loader says what is missing."""
+    path = Path(path)
+    found = directory_kind(path)
+    if found in (expected, "missing", "other") or (expected, found) == ("reward", "workdir"):
+        return
+    hf = path / "hf"
+    hints = {
+        ("hf", "policy"): f"use its export {hf}" + ("" if hf.is_dir() else
+                                                     ", written when its run finishes"),
+        ("hf", "reward"): "a reward model cannot start a policy: give the SFT export here (e.g. "
+                          "runs/sft/hf), and the reward-model workdir as ppo.reward_model, "
+                          "dpo.reward_model or rsft.reward_model",
+        ("hf", "workdir"): f"its run has written no checkpoint yet: let it finish, then use {hf}",
+        ("hf", "pipeline"): f"use its SFT export {path / 'sft' / 'hf'}",
+        ("reward", "hf"): "an export holds a language model, not a reward model: train one with "
+                          "scripts/train_rm.py (model.init_checkpoint = this directory) and "
+                          "give its workdir",
+        ("reward", "policy"): "train a reward model with scripts/train_rm.py and give its "
+                              "workdir",
+        ("reward", "pipeline"): f"use its reward model {path / 'rm'}",
+    }
+    subject = f"{field} = '{path}'" if field else str(path)
+    raise CheckpointError(f"{subject} is {KINDS[found]}, not {EXPECTED[expected]}: "
+                          f"{hints[expected, found]}")
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -189,10 +288,13 @@ class TensorReader:
         return name in self._locations
 
     def _safetensors_keys(self, file: Path) -> list[str]:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(file, framework="numpy") as f:
-            return list(f.keys())
+        try:
+            with safe_open(file, framework="numpy") as f:
+                return list(f.keys())
+        except SafetensorError as e:
+            raise _unreadable(file, e) from e
 
     def _torch_file(self, file: Path) -> dict[str, Any]:
         if file not in self._handles:
@@ -213,13 +315,16 @@ class TensorReader:
                                   f"(weight files: {', '.join(files)})")
         file = self._locations[name]
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(file, framework="numpy") as f:
-                if name not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                    raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but "
-                                          "not in the file")
-                array = f.get_tensor(name)
+            try:
+                with safe_open(file, framework="numpy") as f:
+                    if name not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                        raise CheckpointError(f"{file}: tensor {name!r} is listed in the index "
+                                              "but not in the file")
+                    array = f.get_tensor(name)
+            except SafetensorError as e:
+                raise _unreadable(file, e) from e
         else:
             tensor = self._torch_file(file)[name]
             array = tensor.float().numpy()
@@ -227,6 +332,14 @@ class TensorReader:
             raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(array.shape)}, but "
                                   f"the config expects {tuple(shape)}")
         return np.asarray(array, dtype=np.float32)
+
+
+def _unreadable(file: Path, error: Exception) -> CheckpointError:
+    """The error for a weight file that safetensors cannot read (`error`, its own words)."""
+    return CheckpointError(f"{file}: not a readable safetensors file ({error}): it is truncated "
+                           "or corrupt, e.g. by an interrupted copy or download. Export it again "
+                           "(the training stage's WORKDIR/hf, or save_pretrained) or download it "
+                           "again")
 
 
 Path_ = tuple[Any, ...]
@@ -343,6 +456,7 @@ def _read_config(path: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any],
     """(config.json as read, its GlmConfig with `overrides`)."""
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    require_kind(path, "hf")
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: config.json is missing; a Hugging Face checkpoint "
@@ -501,4 +615,7 @@ def save_pretrained(model: GlmForCausalLM, path: str | os.PathLike, *, dtype: st
 def _atomic_write(target: Path, write: Callable[[str], Any]) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     write(str(tmp))
+    umask = os.umask(0o022)  # read it (and put it back): safetensors writes 0600 files
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, target)

@@ -4,8 +4,13 @@ world -> sft -> annotate -> clean -> rm (+ rm_unbalanced) -> ppo (+ ppo_no_ref, 
 -> dpo -> evaluate -> report. Each stage is one of the library's programs (train_sft,
 train_reward_model, train_ppo, train_dpo) run on a config derived from the given one; the
 PPO stages compute their reference responses and prompt filter themselves (paper 3.4).
-A stage whose `WORKDIR/<stage>/stage.json` exists is skipped on a rerun; `force` redoes
-every stage.
+
+Each stage records the settings it is made with (`stage_settings`: the config fields it and
+the stages whose outputs it reads depend on) in `WORKDIR/<stage>/settings.json` before it
+runs, and `WORKDIR/<stage>/stage.json` when it is done. A rerun skips the stages done with the
+same settings; when a begun stage's settings differ, it refuses before changing anything,
+naming the first such stage and the fields; `force` redoes that stage and every stage after
+it (or every stage, when none differs) and keeps the ones before it.
 """
 
 from __future__ import annotations
@@ -42,10 +47,88 @@ from glm_jax.pipeline.world import (
     gold_quality,
     make_world,
 )
-from glm_jax.train.workdir import holds_workdir
+from glm_jax.train.workdir import holds_workdir, write_file
 
 POLICIES = ("sft", "ppo", "ppo_no_ref", "ppo_no_sft", "dpo")
 SAMPLE_ROWS = 1024  # rows per compiled sampling call
+SETTINGS_FILE = "settings.json"
+
+# What each stage depends on: the config fields (a section name stands for all its fields)
+# it reads itself, and the stages whose outputs it reads; `stage_settings` adds theirs.
+_WORLD_FIELDS = tuple(f"pipeline.{f}" for f in WorldConfig.__dataclass_fields__ if f != "seed")
+_SAMPLING = ("ppo.temperature", "ppo.top_k", "ppo.top_p")  # annotation and evaluation sample
+STAGE_DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "world": (("seed", *_WORLD_FIELDS), ()),
+    "sft": (("seed", "model", "data", "sft"), ("world",)),
+    "annotate": (("pipeline.annotate_samples", *_SAMPLING), ("world", "sft")),
+    "clean": (("pipeline.bucket_edges",), ("annotate",)),
+    "rm": (("rm",), ("clean",)),
+    "rm_unbalanced": (("rm", "pipeline.ablation_steps"), ("clean",)),
+    "ppo": (("ppo",), ("rm",)),
+    "ppo_no_ref": (("ppo", "pipeline.ablation_steps"), ("rm",)),
+    "ppo_no_sft": (("ppo", "pipeline.ablation_steps"), ("rm",)),
+    "dpo": (("dpo",), ("rm",)),
+    "evaluate": (("pipeline.eval_samples", *_SAMPLING), ("ppo", "ppo_no_ref", "ppo_no_sft",
+                                                         "dpo")),
+    "report": ((), ("rm_unbalanced", "evaluate")),
+}
+# Fields that do not change what a stage makes: how it runs (mesh, hosts, layer
+# implementation, fused PPO program), where it logs, how often it saves or evaluates (the
+# exports are the last step's weights, and the final evaluation runs whatever eval_every is),
+# when it gives up, and the fields the pipeline sets itself (its own files).
+RUNTIME_FIELDS = ("mesh", "distributed", "metrics", "on_damaged_checkpoint", "model.remat",
+                  "model.scan_layers", "model.attention", "model.vocab_chunk", "ppo.fused",
+                  "ppo.reference_cache")
+RUNTIME_SECTION_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every",
+                          "max_nonfinite_steps", "best_metric", "best_mode")
+SET_BY_PIPELINE = ("sft.train_file", "sft.eval_file", "rm.train_file", "rm.eval_file",
+                   "ppo.prompt_file", "ppo.reward_model", "ppo.sft_file", "dpo.mode",
+                   "dpo.train_file", "dpo.eval_file", "dpo.prompt_file", "dpo.reward_model")
+
+
+class SettingsChanged(ValueError):
+    """A stage begun in the work directory was made with other settings than this run's."""
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _under(path: str, names: tuple[str, ...]) -> bool:
+    return any(path == name or path.startswith(name + ".") for name in names)
+
+
+def stage_settings(config: ConfigDict, stage: str) -> dict[str, Any]:
+    """The config fields `stage`'s outputs depend on (its own and those of every stage whose
+    outputs it reads), as dotted paths to JSON values; runtime-only fields are left out."""
+    fields: set[str] = set()
+    todo = [stage]
+    while todo:
+        own, inputs = STAGE_DEPENDS[todo.pop()]
+        fields.update(own)
+        todo += inputs
+    flat = _flatten(json.loads(config.to_json_best_effort()))
+    return {path: value for path, value in sorted(flat.items())
+            if _under(path, tuple(fields)) and not _under(path, RUNTIME_FIELDS)
+            and path not in SET_BY_PIPELINE
+            and path.rsplit(".", 1)[-1] not in RUNTIME_SECTION_FIELDS}
+
+
+def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`field: old -> new` for each field whose value differs (`(unset)` where missing)."""
+    def shown(settings: dict[str, Any], path: str) -> str:
+        return repr(settings[path]) if path in settings else "(unset)"
+
+    unset = object()  # compared by value: 1 and 1.0 (a float field set to 1) are the same
+    return [f"{path}: {shown(recorded, path)} -> {shown(current, path)}"
+            for path in sorted(recorded.keys() | current.keys())
+            if recorded.get(path, unset) != current.get(path, unset)]
 
 
 def world_config(config: ConfigDict) -> WorldConfig:
@@ -200,22 +283,41 @@ class Pipeline:
             "rm.eval_file": str(self.data / "preferences_test.jsonl"), **updates})
         last = train_reward_model(config, self.path(name))
         train, test = self._rm_summaries(name, (train_file, "preferences_test.jsonl"))
+        del train["longer_scored_higher"]  # the verdicts resample the test pairs only
         return {"train": train, "test": test,
                 "last_step": _numbers({k: v for k, v in last.items() if k != "eval"})}
 
     def _rm_summaries(self, name: str, pairs_files: tuple[str, ...]) -> list[dict[str, Any]]:
-        """Accuracy, length preference, ... of the trained reward model `name` on each file."""
+        """Accuracy, length preference, ... of the trained reward model `name` on each file,
+        and per pair `longer_scored_higher`: 1 where the longer response scores higher, 0
+        where the shorter does, None for responses of equal length (what the report's
+        length-balancing verdict resamples)."""
+        import jax
+        from flax import nnx
+
         from glm_jax.models.heads import GlmRewardModel
+        from glm_jax.sharding import make_mesh
         from glm_jax.train.checkpoint import load_trained_model
         from glm_jax.train.common import runtime_overrides, template_from_config
-        from glm_jax.train.reward import evaluate_pairs
+        from glm_jax.train.reward import eval_batches, score_pairs, summarize_scores
 
         model = load_trained_model(self.path(name), GlmRewardModel,
                                    overrides=runtime_overrides(self.config))
+        graphdef, params = nnx.split(model)
+        mesh = make_mesh((1, 1, 1), jax.devices()[:1])
         tokenizer = Tokenizer.from_dir(self.path(name))
         template = template_from_config(self.config)
-        return [_numbers(evaluate_pairs(model, tokenizer, template, _pairs(self.data / f),
-                                        self.config)) for f in pairs_files]
+        out = []
+        for file in pairs_files:
+            batches, tasks = eval_batches(_pairs(self.data / file), tokenizer, template,
+                                          self.config)
+            scores = score_pairs(graphdef, params, batches, mesh)
+            longer = np.sign(scores.chosen_length - scores.rejected_length)
+            higher = np.sign(scores.chosen - scores.rejected)
+            out.append({**_numbers(summarize_scores(scores, tasks)), "longer_scored_higher": [
+                None if side == 0 else float(side == best)
+                for side, best in zip(longer, higher, strict=True)]})
+        return out
 
     def rm(self) -> dict[str, Any]:
         return self._reward_model("rm", "preferences_balanced.jsonl")
@@ -318,33 +420,70 @@ class Pipeline:
     STAGES = ("world", "sft", "annotate", "clean", "rm", "rm_unbalanced", "ppo", "ppo_no_ref",
               "ppo_no_sft", "dpo", "evaluate", "report")
 
+    def changed_stage(self) -> tuple[str, str] | None:
+        """The first stage begun in the work directory whose recorded settings are not this
+        config's (or were never recorded), with what differs; None when every begun stage
+        matches."""
+        for stage in self.STAGES:
+            directory = self.workdir / stage
+            if not directory.is_dir():
+                continue
+            recorded = directory / SETTINGS_FILE
+            try:
+                settings = json.loads(recorded.read_text())
+            except FileNotFoundError:
+                return stage, (f"{directory} has no {SETTINGS_FILE}: it was made by a glm_jax "
+                               "from before the pipeline recorded each stage's settings, so "
+                               "whether it matches this config cannot be told")
+            except ValueError as e:
+                return stage, f"{recorded} cannot be read ({e})"
+            differences = settings_differences(settings, stage_settings(self.config, stage))
+            if differences:
+                return stage, (f"{directory} was made with other settings than this run's: "
+                               f"{'; '.join(differences)} (recorded in {recorded})")
+        return None
+
     def run(self) -> dict[str, Any]:
-        if self.force:
-            for stage in self.STAGES:
-                shutil.rmtree(self.workdir / stage, ignore_errors=True)
-            shutil.rmtree(self.data, ignore_errors=True)
+        changed = self.changed_stage()
+        if changed and not self.force:
+            stage, why = changed
+            kept = self.STAGES[:self.STAGES.index(stage)]
+            raise SettingsChanged(
+                f"{why}. Nothing was changed. Rerun with --force to redo {stage} and every "
+                f"stage after it" + (f" (keeping {', '.join(kept)})" if kept else "")
+                + f", use another --workdir than {self.workdir}, or go back to the recorded "
+                "values")
+        redo = (self.STAGES.index(changed[0]) if changed
+                else 0 if self.force else len(self.STAGES))
+        if redo < len(self.STAGES):
+            print(f"[pipeline] --force: redoing {', '.join(self.STAGES[redo:])}"
+                  + (f"; keeping {', '.join(self.STAGES[:redo])}" if redo else ""), flush=True)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
+        write_file(self.workdir / "config.json", self.config.to_json_best_effort(indent=2))
         started = time.time()
         timings = {}
         bar = tqdm(self.STAGES, desc="pipeline", unit="stage")
-        for stage in bar:
+        for index, stage in enumerate(bar):
             bar.set_postfix_str(stage)
             marker = self.workdir / stage / "stage.json"
-            if marker.exists():
+            if index >= redo:
+                # Removed only now: a forced run that fails keeps every stage it had not
+                # reached (their settings say what they were made with).
+                shutil.rmtree(self.workdir / stage, ignore_errors=True)
+            elif marker.exists():
                 self.results[stage] = json.loads(marker.read_text())
-                print(f"[pipeline] {stage}: done before, skipped ({marker}; --force redoes it)")
+                print(f"[pipeline] {stage}: done before, skipped (same settings; {marker})")
                 continue
             print(f"\n[pipeline] {stage}: running", flush=True)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            write_file(marker.with_name(SETTINGS_FILE),
+                       json.dumps(stage_settings(self.config, stage), indent=1))
             began = time.time()
             stage_fn: Callable[[], dict[str, Any]] = getattr(self, stage)
             result = stage_fn()
             timings[stage] = time.time() - began
             self.results[stage] = result
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_name(".stage.json.tmp")
-            tmp.write_text(json.dumps(result, indent=1, default=_json_default))
-            tmp.replace(marker)
+            write_file(marker, json.dumps(result, indent=1, default=_json_default))
             print(f"[pipeline] {stage}: done in {timings[stage]:.0f} s", flush=True)
         summary = self.results["report"]
         print(f"\n[pipeline] finished in {time.time() - started:.0f} s. Outputs in "

@@ -14,6 +14,15 @@ from jax.sharding import Mesh
 
 from glm_jax.models.glm import GlmConfig
 from glm_jax.sharding import state_shardings
+from glm_jax.train.workdir import set_aside, write_file
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint whose files are missing or cannot be read (not a config mismatch)."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
 
 
 class Checkpointer:
@@ -61,33 +70,58 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The steps with a complete (committed) checkpoint, oldest first."""
+        return sorted(self.manager.all_steps())
+
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restores onto `target`'s structure, dtypes and shardings (which may be a different
         mesh than the one that saved). A checkpoint of another model or optimizer (other
-        parameter names, shapes or dtypes) is a ValueError naming the first difference."""
+        parameter names, shapes or dtypes) is a ValueError naming the first difference; one
+        whose files are missing or cannot be read is CheckpointDamaged naming the step."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        path = self.directory / str(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        hint = (f"the checkpoint {self.directory / str(step)} was written by a run with a "
-                f"different model or optimizer config; use a new workdir, or the config "
-                f"that wrote it (config.json beside its checkpoints)")
-        stored = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state")
+        try:
+            stored = ocp.PyTreeCheckpointHandler().metadata(path / "state")
+        except (OSError, ValueError) as e:
+            raise CheckpointDamaged(step, f"{path} is damaged: {_abridged(e)}") from e
         difference = _first_difference(abstract, stored)
         if difference:
-            raise ValueError(f"{hint}: {difference}")
+            raise ValueError(f"the checkpoint {path} was written by a run with a different "
+                             f"model or optimizer config; use a new workdir, or the config "
+                             f"that wrote it (config.json beside its checkpoints): "
+                             f"{difference}")
+        # The names, shapes and dtypes match: a failure to read now is missing or damaged
+        # files (tensorstore's NOT_FOUND / OUT_OF_RANGE, a missing `extra` item, bad JSON).
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
-        except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"{hint}. Orbax: {e}") from e
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise CheckpointDamaged(step, f"{path} is damaged: {_abridged(e)}") from e
         return restored.state, dict(restored.extra or {})
+
+    def set_aside(self, step: int) -> Path:
+        """Moves the checkpoint of `step` to `<step>.damaged` beside it (a name orbax does not
+        take for a step), so it is kept but no longer the latest; returns its new path."""
+        moved = set_aside(self.directory / str(step),
+                          lambda n: f"{step}.damaged" + (f".{n}" if n > 1 else ""))
+        self.manager.reload()
+        return moved
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _abridged(error: Exception) -> str:
+    """The first line of an orbax / tensorstore error, without its long spec dump."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(" [tensorstore_spec=")[0][:400]
 
 
 def _first_difference(abstract: Any, metadata: Any) -> str | None:
@@ -111,8 +145,8 @@ def _first_difference(abstract: Any, metadata: Any) -> str | None:
 
 def save_model_config(config: GlmConfig, workdir: str | Path) -> None:
     """Writes `workdir/model_config.json`, which `load_trained_model` rebuilds the model from."""
-    fields = dataclasses.asdict(config)
-    (Path(workdir) / "model_config.json").write_text(json.dumps(fields, indent=2))
+    write_file(Path(workdir) / "model_config.json",
+               json.dumps(dataclasses.asdict(config), indent=2))
 
 
 def load_model_config(workdir: str | Path) -> GlmConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,14 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from glm_jax.data.records import PromptExample, read_jsonl
-from glm_jax.data.tokenizer import CHATGLM3_TEMPLATE, GLM4_TEMPLATE, ChatTemplate, Tokenizer
-from glm_jax.models.convert import HEADS, from_pretrained, read_config
+from glm_jax.data.tokenizer import (
+    CHATGLM3_TEMPLATE,
+    GLM4_TEMPLATE,
+    SPECIAL_TOKENS,
+    ChatTemplate,
+    Tokenizer,
+)
+from glm_jax.models.convert import HEADS, from_pretrained, read_config, require_kind
 from glm_jax.models.glm import GlmConfig
 from glm_jax.models.heads import GlmRewardModel
 from glm_jax.models.tiny import tiny_config
@@ -24,7 +29,8 @@ from glm_jax.sharding import (
     make_mesh,
     shard_state,
 )
-from glm_jax.train.checkpoint import load_trained_model
+from glm_jax.train.checkpoint import load_model_config, load_trained_model
+from glm_jax.train.workdir import write_file
 
 TEMPLATES = {"glm4": GLM4_TEMPLATE, "chatglm3": CHATGLM3_TEMPLATE}
 
@@ -48,8 +54,71 @@ def tokenizer_from_config(config: ConfigDict) -> Tokenizer:
     if config.data.tokenizer:
         return Tokenizer.from_dir(config.data.tokenizer)
     if config.model.init_checkpoint:
-        return Tokenizer.from_dir(config.model.init_checkpoint)
+        return Tokenizer.from_dir(init_checkpoint(config))
     return Tokenizer.tiny()
+
+
+def init_checkpoint(config: ConfigDict) -> str:
+    """config.model.init_checkpoint, refused when it is a directory of another kind than a
+    Hugging Face model (a training or pipeline workdir) with what to give instead."""
+    require_kind(config.model.init_checkpoint, "hf", "config.model.init_checkpoint")
+    return config.model.init_checkpoint
+
+
+def tokenizer_source(config: ConfigDict, tokenizer: Tokenizer) -> str:
+    """Where `tokenizer_from_config` took `tokenizer` from, in words for errors."""
+    if config.data.tokenizer:
+        return f"config.data.tokenizer = '{config.data.tokenizer}'"
+    if config.model.init_checkpoint:
+        return f"the tokenizer of config.model.init_checkpoint, {tokenizer.path}"
+    return f"the bundled tiny tokenizer {tokenizer.path}, as config.data.tokenizer is empty"
+
+
+def token_table(tokenizer: Tokenizer) -> dict[int, tuple[str, bool]]:
+    """Every id of `tokenizer` -> (its token, whether it is special): what a model trained
+    with it has learnt the ids to mean. Read from its file, so a re-saved copy of a tokenizer
+    has the same table."""
+    path = tokenizer.path
+    if path.suffix == ".json":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        hf = HFTokenizer.from_file(str(path))
+        special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+        return {i: (t, t in special) for t, i in hf.get_vocab(with_added_tokens=True).items()}
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    # As the sentencepiece backend splits them out of text: control pieces and GLM's.
+    return {i: (sp.id_to_piece(i), sp.is_control(i) or sp.id_to_piece(i) in SPECIAL_TOKENS)
+            for i in range(sp.get_piece_size())}
+
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int, model_source: str,
+                tokenizer_source: str) -> None:
+    """Raises when a model of `vocab_size` embedding rows (from `model_source`, in words) has
+    none for some of `tokenizer`'s ids (from `tokenizer_source`): those ids would read past the
+    embedding, and training would give loss=nan at every step."""
+    num_ids = max(token_table(tokenizer)) + 1
+    if vocab_size < num_ids:
+        raise ValueError(
+            f"the model's vocab_size {vocab_size} ({model_source}) is smaller than the "
+            f"tokenizer's {num_ids} ids (max id + 1, special tokens included; "
+            f"{tokenizer_source}): ids from {vocab_size} on have no embedding (training gives "
+            f"loss=nan, scores and samples are garbage). Give a model and a tokenizer that "
+            f"belong together: a model with vocab_size >= {num_ids}, or the tokenizer the "
+            f"model was trained with")
+
+
+def check_tokenizer_fits(config: ConfigDict, tokenizer: Tokenizer) -> None:
+    """`check_vocab` for the model and tokenizer of `config` (config.json only, no weights):
+    every stage calls it before its pre-flight and before loading any weights."""
+    if config.model.init_checkpoint:
+        model_source = f"config.model.init_checkpoint = '{config.model.init_checkpoint}'"
+    else:
+        model_source = ("config.model.tiny.vocab_size" if "vocab_size" in config.model.get(
+            "tiny", {}) else "the tiny default, as config.model.tiny.vocab_size is unset")
+    check_vocab(tokenizer, model_config_from_config(config).vocab_size, model_source,
+                tokenizer_source(config, tokenizer))
 
 
 RUNTIME_FIELDS = ("remat", "scan_layers", "attention", "vocab_chunk")
@@ -78,7 +147,7 @@ def model_from_config(config: ConfigDict, head: str, mesh: Mesh) -> nnx.Module:
     """`head` ("lm", "reward", "value") from config.model.init_checkpoint, or a fresh tiny
     model (config.model.tiny overrides its fields) when no checkpoint is given."""
     if config.model.init_checkpoint:
-        return from_pretrained(config.model.init_checkpoint, mesh=mesh, head=head,
+        return from_pretrained(init_checkpoint(config), mesh=mesh, head=head,
                                seed=config.seed, **trained_overrides(config))
     glm_config = model_config_from_config(config)
     check_model_fits_mesh(glm_config, mesh)
@@ -91,7 +160,7 @@ def model_config_from_config(config: ConfigDict) -> GlmConfig:
     """The GlmConfig of config.model: the init checkpoint's config.json (read alone, no
     weights), or the tiny model's; with the run's dtypes and runtime fields."""
     if config.model.init_checkpoint:
-        return read_config(config.model.init_checkpoint, **trained_overrides(config))
+        return read_config(init_checkpoint(config), **trained_overrides(config))
     return tiny_config(**trained_overrides(config), **config.model.get("tiny", {}))
 
 
@@ -99,7 +168,7 @@ def save_tokenizer(tokenizer: Tokenizer, workdir: str | Path) -> None:
     """Copies the tokenizer file beside the checkpoints, under the name `Tokenizer.from_dir`
     looks for, so the workdir is self-contained."""
     name = "tokenizer.json" if tokenizer.path.suffix == ".json" else "tokenizer.model"
-    shutil.copyfile(tokenizer.path, Path(workdir) / name)
+    write_file(Path(workdir) / name, Path(tokenizer.path).read_bytes())
 
 
 def is_main_process() -> bool:
@@ -108,7 +177,7 @@ def is_main_process() -> bool:
 
 def save_config(config: ConfigDict, workdir: str | Path) -> None:
     """Writes the resolved config (after command-line overrides) as `workdir/config.json`."""
-    (Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    write_file(Path(workdir) / "config.json", config.to_json_best_effort(indent=2) + "\n")
 
 
 def load_config(workdir: str | Path) -> ConfigDict:
@@ -137,23 +206,48 @@ def read_prompts(path: str, field: str, on_error: str = "raise") -> list[PromptE
     return prompts
 
 
-def load_reward_model(path: str, field: str, vocab_size: int, mesh: Mesh,
+def load_reward_model(path: str, field: str, tokenizer: Tokenizer, mesh: Mesh,
                       overrides: dict[str, Any] | None = None) -> GlmRewardModel:
     """The trained reward model of the RM workdir `path` (config `field`), sharded over
-    `mesh`, with its config's `overrides` (`frozen_overrides`: precision and runtime); it must
-    read the policy's token ids (`vocab_size`), or it would score garbage without any
-    error."""
+    `mesh`, with its config's `overrides` (`frozen_overrides`: precision and runtime). It must
+    have been trained with the policy's `tokenizer` (the same token for every id, and an
+    embedding for each), or it would score garbage without any error."""
     if not path:
         raise ValueError(f"{field} is empty: set it to a reward-model workdir "
                          "(scripts/train_rm.py)")
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{field} = {path!r} is not a directory: expected a "
                                 "reward-model workdir (scripts/train_rm.py)")
+    require_kind(path, "reward", field)
     try:
-        model = load_trained_model(path, GlmRewardModel, mesh, overrides=overrides)
+        model_config = load_model_config(path)
+        own_tokenizer = Tokenizer.from_dir(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{field} = {path!r}: {e} (scripts/train_rm.py writes "
+                                "model_config.json and the tokenizer into its workdir; to a "
+                                "workdir without its tokenizer, copy the one the reward model "
+                                "was trained with)") from e
+    table, policy_table = token_table(own_tokenizer), token_table(tokenizer)
+    if table != policy_table:
+        i = min(i for i in table.keys() | policy_table.keys()
+                if table.get(i) != policy_table.get(i))
+        raise ValueError(
+            f"{field} = {path!r} was trained with another tokenizer than the policy's: id {i} "
+            f"is {_token_words(table.get(i))} in {own_tokenizer.path} and "
+            f"{_token_words(policy_table.get(i))} in {tokenizer.path}. It would score the "
+            "policy's ids as other tokens, and re-tokenizing between two tokenizers is not "
+            "implemented: train the reward model with the policy's tokenizer "
+            "(scripts/train_rm.py with the same config.data.tokenizer or model.init_checkpoint)")
+    check_vocab(tokenizer, model_config.vocab_size, f"{field} = '{path}'",
+                str(tokenizer.path))
+    try:
+        return load_trained_model(path, GlmRewardModel, mesh, overrides=overrides)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{field} = {path!r}: {e}") from e
-    if model.config.vocab_size != vocab_size:
-        raise ValueError(f"{field} = {path!r} has vocab_size {model.config.vocab_size}, the "
-                         f"policy {vocab_size}: they must share one tokenizer")
-    return model
+
+
+def _token_words(entry: tuple[str, bool] | None) -> str:
+    """An entry of `token_table`, in words."""
+    if entry is None:
+        return "absent"
+    return repr(entry[0]) + (" (special)" if entry[1] else "")

@@ -47,6 +47,7 @@ from glm_jax.losses import dpo_loss, masked_mean, sequence_logprobs
 from glm_jax.models.heads import GlmForCausalLM
 from glm_jax.train import loop
 from glm_jax.train.common import (
+    check_tokenizer_fits,
     frozen_overrides,
     is_main_process,
     load_reward_model,
@@ -64,7 +65,7 @@ from glm_jax.train.reward import score_responses
 from glm_jax.train.rollout import (
     SamplingSettings,
     ScoredSamples,
-    encode_prompts,
+    encode_prompt_file,
     sample_and_score,
     sample_prompts,
     sequence,
@@ -230,7 +231,8 @@ def _dataset(pairs: list[PreferencePair], tokenizer, template, config: ConfigDic
     return PreferenceDataset(pairs, tokenizer, template, batch_size=config.dpo.batch_size,
                              max_prompt_tokens=data.max_prompt_tokens,
                              max_response_tokens=data.max_response_tokens,
-                             truncation=data.truncation, **kwargs)
+                             truncation=data.truncation, special_tokens=data.special_tokens,
+                             **kwargs)
 
 
 def implicit_reward_accuracy(graphdef: nnx.GraphDef, params: Any, dataset: PreferenceDataset,
@@ -318,6 +320,7 @@ def _pair_settings(config: ConfigDict) -> dict[str, Any]:
             "tokenizer": data.tokenizer, "template": data.template,
             "max_prompt_tokens": data.max_prompt_tokens,
             "max_response_tokens": data.max_response_tokens,
+            "truncation": data.truncation, "special_tokens": data.special_tokens,
             **{name: dpo[name] for name in ("num_samples", "pair_margin", "temperature",
                                             "top_k", "top_p", "batch_size")}}
 
@@ -351,8 +354,9 @@ def reward_pairs(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
 
     prompts = read_prompts(dpo.prompt_file, "config.dpo.prompt_file", data.on_error)
     reward_model = load_reward_model(dpo.reward_model, "config.dpo.reward_model",
-                                     policy.config.vocab_size, mesh, frozen_overrides(config))
-    ids, mask = encode_prompts(prompts, tokenizer, template, data.max_prompt_tokens)
+                                     tokenizer, mesh, frozen_overrides(config))
+    prompts, ids, mask = encode_prompt_file(prompts, tokenizer, template, data,
+                                            "config.dpo.prompt_file")
     # One token short of the limit: a response cut there still fits with the EOS that
     # tokenization appends.
     sampling = SamplingSettings.from_config(dpo, tokenizer, data.max_response_tokens - 1)
@@ -476,9 +480,9 @@ def make_online_step(graphdef: nnx.GraphDef, reward_graphdef: nnx.GraphDef,
 # ---------------------------------------------------------------------------------------------
 
 def _check_config(dpo: ConfigDict) -> str:
+    """The files each mode needs (validate_config has checked the values: mode, num_samples,
+    pair_margin)."""
     mode = dpo.mode
-    if mode not in MODES:
-        raise ValueError(f"config.dpo.mode = {mode!r}; valid values: {', '.join(MODES)}")
     if mode == "offline" and not dpo.train_file:
         raise ValueError("config.dpo.train_file is empty: set it to a preference JSONL file "
                          "(e.g. --config.dpo.train_file=data/pairs.jsonl)")
@@ -491,23 +495,30 @@ def _check_config(dpo: ConfigDict) -> str:
             raise ValueError(f"config.dpo.reward_model is empty: mode {mode!r} scores the "
                              "samples with a trained reward model; set it to a reward-model "
                              "workdir (e.g. --config.dpo.reward_model=runs/rm)")
-        if dpo.num_samples < 2:
-            raise ValueError(f"config.dpo.num_samples = {dpo.num_samples}: a pair needs at "
-                             "least 2 samples per prompt")
-        if dpo.pair_margin < 0:
-            raise ValueError(f"config.dpo.pair_margin = {dpo.pair_margin} must be >= 0")
     return mode
 
 
-def _eval_fn(config: ConfigDict, graphdef: nnx.GraphDef, initial_params: Any, tokenizer,
-             template, mesh: Mesh):
-    """Implicit-reward accuracy on `dpo.eval_file` (annotated pairs), or None without one."""
+def _eval_data(config: ConfigDict, tokenizer, template) -> PreferenceDataset | None:
+    """The pairs of `dpo.eval_file`, each once and in order, or None without the file."""
     dpo = config.dpo
     if not dpo.eval_file:
         return None
-    eval_pairs, _ = read_jsonl(dpo.eval_file, "preference", on_error=config.data.on_error)
+    eval_pairs, _ = read_jsonl(dpo.eval_file, "preference", on_error=config.data.on_error,
+                               field="config.dpo.eval_file")
+    # Not shuffled, one epoch, no remainder dropped: every usable pair is evaluated once.
     eval_data = _dataset(eval_pairs, tokenizer, template, config, shuffle=False, num_epochs=1,
-                         drop_remainder=False)
+                         drop_remainder=False,
+                         source=f"config.dpo.eval_file = {dpo.eval_file!r}")
+    print(f"{dpo.eval_file}: {eval_data.report}")
+    return eval_data
+
+
+def _eval_fn(config: ConfigDict, graphdef: nnx.GraphDef, initial_params: Any,
+             eval_data: PreferenceDataset | None, mesh: Mesh):
+    """Implicit-reward accuracy on `eval_data` (`_eval_data`), or None without it."""
+    dpo = config.dpo
+    if eval_data is None:
+        return None
     eval_reference = reference_logps(graphdef, initial_params, eval_data, mesh,
                                      eval_data.report.num_kept, dpo.batch_size)
 
@@ -529,22 +540,25 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
+    check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
+    eval_data = _eval_data(config, tokenizer, template)  # a bad eval file fails fast
     # Before any weights load: the offline step (online DPO samples inside its step, a
     # program of its own, compiled at the first step).
     checked = preflight(config, "dpo", mesh, "DPO") if mode != "online" else None
     model = model_from_config(config, "lm", mesh)
     model_config = model.config
     graphdef, initial_params = nnx.split(model)
-    eval_fn = _eval_fn(config, graphdef, initial_params, tokenizer, template, mesh)
+    eval_fn = _eval_fn(config, graphdef, initial_params, eval_data, mesh)
     tx, schedule = optimizer_from_config(dpo, config.model.moment_dtype)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
     if mode == "online":
         reward_model = load_reward_model(dpo.reward_model, "config.dpo.reward_model",
-                                         model_config.vocab_size, mesh, frozen_overrides(config))
+                                         tokenizer, mesh, frozen_overrides(config))
         reward_graphdef, reward_params = nnx.split(reward_model)
         prompts = read_prompts(dpo.prompt_file, "config.dpo.prompt_file", data.on_error)
-        ids, mask = encode_prompts(prompts, tokenizer, template, data.max_prompt_tokens)
+        prompts, ids, mask = encode_prompt_file(prompts, tokenizer, template, data,
+                                                "config.dpo.prompt_file")
         print(f"{dpo.prompt_file}: {len(prompts)} prompts; each step samples "
               f"{dpo.num_samples} responses to each of {dpo.batch_size}")
         batches = iter(PromptDataset(ids, mask, batch_size=dpo.batch_size, seed=config.seed,
@@ -561,15 +575,20 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
             return BoundStep(step, (reference_params, reward_params))
     else:
         if mode == "offline":
-            pairs, _ = read_jsonl(dpo.train_file, "preference", on_error=data.on_error)
-            source = dpo.train_file
+            pairs, read_report = read_jsonl(dpo.train_file, "preference",
+                                            on_error=data.on_error, field="config.dpo.train_file")
+            if read_report.num_skipped:
+                print(f"{dpo.train_file}: skipped {read_report.num_skipped} bad lines "
+                      f"(first: {read_report.first_skipped_lines})")
+            path, source = dpo.train_file, f"config.dpo.train_file = {dpo.train_file!r}"
         else:
             pairs = reward_pairs(config, workdir, model, tokenizer, template, mesh)
-            source = str(workdir / PAIRS_FILE)
-        train_data = _dataset(pairs, tokenizer, template, config, seed=config.seed, **process)
-        print(f"{source}: {train_data.report}")
+            path = source = str(workdir / PAIRS_FILE)
+        train_data = _dataset(pairs, tokenizer, template, config, seed=config.seed,
+                              source=source, **process)
+        print(f"{path}: {train_data.report}")
         in_order = _dataset(pairs, tokenizer, template, config, shuffle=False, num_epochs=1,
-                            drop_remainder=False)
+                            drop_remainder=False, source=source)
         reference = reference_logps(graphdef, initial_params, in_order, mesh,
                                     train_data.report.num_kept, dpo.batch_size)
         batches = WithReference(iter(train_data), reference)

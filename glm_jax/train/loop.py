@@ -5,6 +5,7 @@ Side effects (I/O, logging, checkpoints) live here, never inside the jitted step
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -24,9 +25,9 @@ from tqdm.auto import tqdm
 
 from glm_jax.models.convert import save_pretrained
 from glm_jax.sharding import logical_to_spec
-from glm_jax.train.checkpoint import Checkpointer, save_model_config
+from glm_jax.train.checkpoint import CheckpointDamaged, Checkpointer, save_model_config
 from glm_jax.train.common import is_main_process, save_config, save_tokenizer
-from glm_jax.train.metrics import MetricsWriter
+from glm_jax.train.metrics import MetricsWriter, recorded_metrics
 from glm_jax.train.programs import compile_step, peak_flops
 from glm_jax.train.state import TrainState
 
@@ -74,30 +75,68 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(fetch, tree)
 
 
-def resume(checkpointer: Checkpointer, state: TrainState, batches: Iterator
-           ) -> TrainState:
-    """The latest checkpoint's state, with `batches` moved to its saved position; or `state`
-    unchanged when there is no checkpoint yet."""
-    if checkpointer.latest_step() is None:
-        return state
-    state, extra = checkpointer.restore(state)
+def resume(checkpointer: Checkpointer, state: TrainState, batches: Iterator,
+           on_damaged: str = "refuse") -> TrainState:
+    """The newest readable checkpoint's state, with `batches` moved to its saved position; or
+    `state` unchanged when there is no checkpoint yet.
+
+    A damaged checkpoint (files missing or unreadable) newer than an intact one: with
+    on_damaged "refuse", CheckpointDamaged naming both steps; with "previous", the damaged
+    ones are moved aside (`Checkpointer.set_aside`, never deleted) and the run resumes from
+    the intact one. No intact checkpoint at all is CheckpointDamaged either way."""
+    damaged: list[CheckpointDamaged] = []
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            restored, extra = checkpointer.restore(state, step)
+            break
+        except CheckpointDamaged as e:
+            damaged.append(e)
+    else:
+        if not damaged:
+            return state
+        raise CheckpointDamaged(damaged[0].step, (
+            f"no checkpoint in {checkpointer.directory} can be read: "
+            + "; ".join(map(str, damaged)) + ". Put back the missing files, or move "
+            f"{checkpointer.directory} aside to start over from step 0"))
+    if damaged and on_damaged != "previous":
+        raise CheckpointDamaged(damaged[0].step, (
+            "; ".join(map(str, damaged)) + f". The newest intact checkpoint is step {step}. "
+            f"Put back the missing files, or set on_damaged_checkpoint='previous' (e.g. "
+            f"--config.on_damaged_checkpoint=previous) to move the damaged "
+            f"checkpoint{'s' if len(damaged) > 1 else ''} aside and resume from step {step}"))
+    for error in damaged:
+        print(f"{error}: moved it aside to {checkpointer.set_aside(error.step)} "
+              f"(on_damaged_checkpoint='previous')", flush=True)
     batches.set_state(extra["data"])
-    print(f"resumed from step {int(state.step)} in {checkpointer.directory}")
-    return state
+    print(f"resumed from step {int(restored.step)} in {checkpointer.directory}")
+    return restored
+
+
+class _Abandoned(BaseException):
+    """Raised by a Preemption's signal handler in `abandon` mode (a BaseException, so no
+    `except Exception` on the way swallows it)."""
 
 
 class Preemption:
     """While active, SIGTERM and SIGINT only set `requested`; the loop saves a checkpoint at
-    the next step boundary and exits. A second SIGINT interrupts at once."""
+    the next step boundary and exits. A second SIGINT interrupts at once.
 
-    def __init__(self) -> None:
+    abandon: what the block does, in words ("sampling the reference responses"), for work
+    with no step boundary to stop at: the first signal then abandons the block at once
+    (nothing of it is written), says so, and exits with SystemExit(0) as the loop does.
+    With several processes every one must receive the signal (schedulers send it to all)."""
+
+    def __init__(self, abandon: str = "") -> None:
         self.requested: str | None = None
+        self.abandon = abandon
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        if self.abandon:
+            raise _Abandoned
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
@@ -105,9 +144,14 @@ class Preemption:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        if exc_type is _Abandoned:
+            print(f"{self.requested} asked to stop: abandoned {self.abandon}; nothing of it "
+                  f"was written. Run the same command again to resume (it starts "
+                  f"{self.abandon} over).", flush=True)
+            raise SystemExit(0) from None
 
     def agreed(self) -> bool:
         """Whether any process was asked to stop (all processes stop at the same step)."""
@@ -115,6 +159,24 @@ class Preemption:
         if jax.process_count() > 1:
             flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
         return flag
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point number in `tree` is finite: a bool scalar, one read of
+    the arrays and no copy."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def _last_good(checkpointer: Checkpointer) -> str:
+    """Where the newest checkpoint is, in words (the saves in flight finished first)."""
+    checkpointer.wait()
+    step = checkpointer.latest_step()
+    if step is None:
+        return f"no checkpoint was written to {checkpointer.directory}"
+    return f"the last good checkpoint, step {step} in {checkpointer.directory}, is intact"
 
 
 def batch_tokens(batch: Batch) -> int:
@@ -142,7 +204,9 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
       numbers are written prefixed `eval_`, and the last result is returned under "eval".
     Checkpoints (with the iterator position) every `checkpoint_every` steps and at the end.
     A step whose metrics report `skipped_nonfinite` left the state unchanged; more than
-    `max_nonfinite_steps` of them in a row stop the run with FloatingPointError.
+    `max_nonfinite_steps` of them in a row stop the run with FloatingPointError, as do a
+    non-finite `learning_rate` metric and any NaN/Inf in the state after a step (checked every
+    step, before anything is saved), naming the step and the last good checkpoint.
     SIGTERM / SIGINT: a checkpoint at the next step boundary, then SystemExit(0).
     Metrics added per step: `step_time` (seconds), `tokens_per_second` (`tokens_per_step`,
     default the batch's `*_ids` sizes over all processes), `tflops_per_second` (all devices;
@@ -177,13 +241,28 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
             last |= throughput(time.perf_counter() - began, tokens_per_step, flops_per_step,
                                peak_flops, mesh.size)
             done = step + 1
+            if not math.isfinite(last.get("learning_rate", 0.0)):
+                raise FloatingPointError(
+                    f"{desc}: the learning rate of step {done} is {last['learning_rate']}: "
+                    f"its update was skipped and nothing of it saved; "
+                    f"{_last_good(checkpointer)}. Set a finite learning_rate (and "
+                    f"warmup_steps, end_lr_ratio) in this stage's config section")
+            # The host-side guard: whatever the step checked, non-finite parameters or
+            # optimizer state are never saved or exported.
+            if not bool(all_finite(state)):
+                raise FloatingPointError(
+                    f"{desc}: step {done} left NaN/Inf in the parameters or optimizer state "
+                    f"(a non-finite update); nothing of it was saved; "
+                    f"{_last_good(checkpointer)}. Lower the learning rate or check the data, "
+                    f"then run again: it resumes from that checkpoint")
             skipped_in_a_row = skipped_in_a_row + 1 if last.get("skipped_nonfinite") else 0
             if skipped_in_a_row > max_nonfinite_steps:
                 raise FloatingPointError(
-                    f"{desc}: the loss or gradients were NaN/Inf for {skipped_in_a_row} steps "
-                    f"in a row (up to step {done}; those updates were skipped, the parameters "
-                    f"and checkpoints are from before them). Lower the learning rate or check "
-                    f"the data; the limit is max_nonfinite_steps={max_nonfinite_steps}")
+                    f"{desc}: the loss, gradients or update were NaN/Inf for "
+                    f"{skipped_in_a_row} steps in a row (up to step {done}; those updates "
+                    f"were skipped, the parameters and checkpoints are from before them). "
+                    f"Lower the learning rate or check the data; the limit is "
+                    f"max_nonfinite_steps={max_nonfinite_steps}")
             if writer:
                 writer.write(done, last)
             final = done == num_steps
@@ -242,7 +321,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     def step(state: TrainState, batch: Mapping[str, jax.Array]):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        learning_rate = schedule(state.step)
+        # A non-finite learning rate makes every update NaN with finite gradients: checked
+        # here, before the update, since a check of the update itself would need the old and
+        # new parameters at once.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(learning_rate)
 
         def update() -> tuple[Any, Any]:
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -250,7 +333,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 
         params, opt_state = update_if_finite(finite, update, (state.params, state.opt_state))
         metrics = {"loss": loss, **metrics, "grad_norm": grad_norm,
-                   "learning_rate": schedule(state.step),
+                   "learning_rate": learning_rate,
                    "skipped_nonfinite": 1 - finite.astype(jnp.int32)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -271,7 +354,9 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
     config section (num_steps, checkpoint_every, keep_checkpoints, log_every, and optionally
     eval_every, max_nonfinite_steps, best_metric, best_mode). `precompiled`: the stage's
     pre-flight (glm_jax.train.preflight), run instead of compiling when it matches.
-    Returns the last step's metrics."""
+    A damaged latest checkpoint is handled by config.on_damaged_checkpoint (`resume`). A
+    workdir already at num_steps trains nothing and rewrites nothing (it exports only when
+    the export is missing). Returns the last step's metrics."""
     best_metric = section.get("best_metric", "")
     if best_metric and eval_fn is None:
         raise ValueError(f"best_metric = {best_metric!r} ranks checkpoints by an eval metric, "
@@ -279,8 +364,18 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=section.keep_checkpoints,
                                 best_metric=best_metric,
                                 best_mode=section.get("best_mode", "max"))
-    state = resume(checkpointer, state, batches)
+    try:
+        state = resume(checkpointer, state, batches,
+                       config.get("on_damaged_checkpoint", "refuse"))
+    except BaseException:
+        checkpointer.close()
+        raise
     main = is_main_process()
+    if int(state.step) >= section.num_steps:
+        checkpointer.close()
+        return _nothing_to_train(workdir, int(state.step), section.num_steps, desc,
+                                 graphdef=graphdef if export_hf else None, state=state,
+                                 tokenizer=tokenizer)
     if main:
         save_config(config, workdir)
         save_model_config(model_config, workdir)
@@ -306,12 +401,41 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
         if writer:
             writer.close()
     if export_hf:
-        # Several processes hold a shard each: gather (collectively), then one writes.
-        params = state.params if jax.process_count() == 1 else to_host(state.params)
-        if main:
-            hf_dir = save_pretrained(nnx.merge(graphdef, params), workdir / "hf")
-            save_tokenizer(tokenizer, hf_dir)
+        export(graphdef, state, workdir / "hf", tokenizer, desc)
     return last
+
+
+def export(graphdef: Any, state: TrainState, hf_dir: Path, tokenizer: Any, desc: str) -> None:
+    """Writes the policy of `state` as a Hugging Face checkpoint to `hf_dir`, with the
+    tokenizer; parameters with NaN/Inf are refused (FloatingPointError), whatever wrote them."""
+    if not bool(all_finite(state.params)):
+        raise FloatingPointError(f"{desc}: the parameters of step {int(state.step)} hold "
+                                 f"NaN/Inf; not exported to {hf_dir}. Resume from an earlier "
+                                 f"checkpoint (move the later ones aside) with a lower "
+                                 f"learning rate")
+    # Several processes hold a shard each: gather (collectively), then one writes.
+    params = state.params if jax.process_count() == 1 else to_host(state.params)
+    if is_main_process():
+        save_tokenizer(tokenizer, save_pretrained(nnx.merge(graphdef, params), hf_dir))
+
+
+def _nothing_to_train(workdir: Path, reached: int, num_steps: int, desc: str, *,
+                      graphdef: Any, state: TrainState, tokenizer: Any) -> dict[str, Any]:
+    """A rerun whose workdir already reached num_steps: says so and rewrites nothing; exports
+    the reached step only when there is no export (with `graphdef`). Returns the metrics
+    recorded for that step."""
+    done = f"{desc}: {workdir / 'checkpoints'} already has step {reached} >= num_steps={num_steps}"
+    hf_dir = workdir / "hf"
+    if graphdef is not None and not (hf_dir / "config.json").exists():
+        export(graphdef, state, hf_dir, tokenizer, desc)
+        exported = f"; exported step {reached} to {hf_dir}, which was missing"
+    elif graphdef is not None:
+        exported = f"; the export {hf_dir} is of step {reached}"
+    else:
+        exported = ""
+    print(f"{done}: nothing to train, nothing in {workdir} rewritten; raise num_steps to train "
+          f"further{exported}", flush=True)
+    return recorded_metrics(workdir, reached)
 
 
 def wandb_settings(config: ConfigDict, workdir: Path) -> dict[str, Any] | None:

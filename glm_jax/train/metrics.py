@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import time
 from collections.abc import Mapping
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from glm_jax.train.workdir import write_file
 
 
 def _crc32c_table() -> list[int]:
@@ -110,18 +111,20 @@ class MetricsWriter:
                  resume_step: int | None = None, wandb: dict[str, Any] | None = None):
         """resume_step: for a training run, the step it (re)starts from; lines of later steps
         (written by a run that died after its last checkpoint) are dropped, so replayed steps
-        are not logged twice. None appends to the file as it is.
+        are not logged twice. A run starting at step 0 in a workdir whose metrics.jsonl has
+        lines (its checkpoints were deleted, or never kept) moves that file and tensorboard/
+        aside to metrics.<n>.jsonl and tensorboard.<n>/, never over an older pair. None
+        appends to the file as it is.
         wandb: `wandb.init` arguments (project, name, ...) to also log to Weights & Biases;
         the run id is kept in `workdir/wandb_run_id`, so a resumed run continues it."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "metrics.jsonl"
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+        if resume_step == 0 and path.exists() and path.read_text().strip():
+            print(f"{path} holds the metrics of an earlier run, and this one starts at step 0: "
+                  f"moved it aside to {_set_aside_earlier_run(self.workdir)}", flush=True)
+        elif resume_step is not None and path.exists():
+            write_file(path, "".join(line + "\n" for line in _records_up_to(path, resume_step)))
         self._jsonl = open(path, "a")  # noqa: SIM115
         self._tensorboard = TensorBoardWriter(self.workdir / "tensorboard")
         self.print_every = print_every
@@ -149,6 +152,52 @@ class MetricsWriter:
         self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def recorded_metrics(workdir: str | Path, step: int) -> dict[str, Any]:
+    """The metrics `workdir/metrics.jsonl` holds for `step`, its lines merged (empty when
+    there are none)."""
+    path = Path(workdir) / "metrics.jsonl"
+    out: dict[str, Any] = {}
+    for line in _records_up_to(path, step) if path.exists() else []:
+        record = json.loads(line)
+        if record.pop("step", None) == step:
+            out.update(record)
+    return out
+
+
+def _records_up_to(path: Path, step: int) -> list[str]:
+    """The lines of `path` whose step is at most `step`. A last line that is not JSON (the
+    run died while writing it) is dropped, with a notice; any other is an error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not JSON ({e}): repair or remove that "
+                                 f"line, then run again") from e
+            print(f"{path}:{number}: dropped the last line, cut short when a run died "
+                  f"writing it", flush=True)
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    return kept
+
+
+def _set_aside_earlier_run(workdir: Path) -> str:
+    """Renames metrics.jsonl (and tensorboard/) to the first free metrics.<n>.jsonl
+    (tensorboard.<n>/); returns what was moved where, in words."""
+    n = 1
+    while (workdir / f"metrics.{n}.jsonl").exists() or (workdir / f"tensorboard.{n}").exists():
+        n += 1
+    moved = [f"metrics.{n}.jsonl"]
+    (workdir / "metrics.jsonl").rename(workdir / moved[0])
+    if (workdir / "tensorboard").exists():
+        moved.append(f"tensorboard.{n}/")
+        (workdir / "tensorboard").rename(workdir / f"tensorboard.{n}")
+    return " and ".join(moved)
 
 
 def _start_wandb(workdir: Path, settings: dict[str, Any]) -> Any:

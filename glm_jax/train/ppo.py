@@ -57,6 +57,7 @@ from glm_jax.models.heads import (
 )
 from glm_jax.train.checkpoint import load_trained_model
 from glm_jax.train.common import (
+    check_tokenizer_fits,
     frozen_overrides,
     load_reward_model,
     mesh_from_config,
@@ -66,7 +67,7 @@ from glm_jax.train.common import (
     tokenizer_from_config,
     trained_overrides,
 )
-from glm_jax.train.loop import run_stage, update_if_finite
+from glm_jax.train.loop import Preemption, run_stage, update_if_finite
 from glm_jax.train.preflight import preflight
 from glm_jax.train.programs import BoundStep, parameter_counts, ppo_iteration_flops
 from glm_jax.train.prompts import (
@@ -78,7 +79,12 @@ from glm_jax.train.prompts import (
     reference_records,
     reward_variance_filter,
 )
-from glm_jax.train.rollout import SamplingSettings, encode_prompts, sample_prompts, sequence
+from glm_jax.train.rollout import (
+    SamplingSettings,
+    encode_prompt_file,
+    sample_prompts,
+    sequence,
+)
 from glm_jax.train.sft import sft_batch_loss
 from glm_jax.train.state import (
     copy_params,
@@ -367,14 +373,23 @@ class PPOProgram:
                 updates, new_opt_state = self.policy_tx.update(grads, opt_state, params)
                 critic_updates, new_critic_opt_state = self.critic_tx.update(
                     critic_grads, critic_opt_state, critic_params)
-                return (optax.apply_updates(params, updates), new_opt_state,
-                        optax.apply_updates(critic_params, critic_updates),
-                        new_critic_opt_state)
+                # A non-finite update with finite gradients (a NaN learning rate) is not
+                # applied: zeroed in the same pass that adds it, so no second copy of the
+                # parameters exists (the moments, finite with finite gradients, move on).
+                applied = (jnp.isfinite(optax.tree.norm(updates))
+                           & jnp.isfinite(optax.tree.norm(critic_updates)))
 
-            carry = update_if_finite(finite, update, carry)
+                def add(params, updates):
+                    return jax.tree.map(lambda p, u: p + jnp.where(applied, u, 0).astype(p.dtype),
+                                        params, updates)
+
+                return (add(params, updates), new_opt_state,
+                        add(critic_params, critic_updates), new_critic_opt_state), applied
+
+            carry, applied = update_if_finite(finite, update, (carry, jnp.asarray(False)))
             stats = {"loss": loss, **stats, "grad_norm": grad_norm,
                      "critic_grad_norm": critic_grad_norm,
-                     "skipped_nonfinite": 1.0 - finite.astype(jnp.float32)}
+                     "skipped_nonfinite": 1.0 - applied.astype(jnp.float32)}
             return carry, stats
 
         carry = (state.params, state.opt_state, state.critic_params, state.critic_opt_state)
@@ -498,12 +513,17 @@ def prepare_prompts(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
     common = dict(prompts=fingerprint(ppo.prompt_file), policy=_policy_source(config),
                   reward=fingerprint(Path(ppo.reward_model) / "checkpoints"),
                   max_prompt_tokens=data.max_prompt_tokens,
-                  max_response_tokens=data.max_response_tokens, seed=config.seed)
+                  max_response_tokens=data.max_response_tokens, seed=config.seed,
+                  # Which prompts are encoded, and how, depends on these too.
+                  truncation=data.truncation, special_tokens=data.special_tokens)
 
     def sampled(num_samples: int, settings: SamplingSettings, seed: int, desc: str):
-        return sample_prompts(policy, reward_model, prompt_ids, prompt_mask,
-                              num_samples=num_samples, batch_size=ppo.batch_size,
-                              settings=settings, seed=seed, mesh=mesh, desc=desc)
+        # SIGTERM / SIGINT abandon the sampling (its cache is written only when complete)
+        # and exit 0 as the training loop does; a rerun samples again.
+        with Preemption(abandon=f"sampling for the {desc}"):
+            return sample_prompts(policy, reward_model, prompt_ids, prompt_mask,
+                                  num_samples=num_samples, batch_size=ppo.batch_size,
+                                  settings=settings, seed=seed, mesh=mesh, desc=desc)
 
     report: dict[str, Any] = {"prompts": n}
     kept = np.ones(n, bool)
@@ -558,15 +578,16 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
+    check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
     prompts = read_prompts(ppo.prompt_file, "config.ppo.prompt_file", data.on_error)
 
     # Before any weights load (the fused program; the step-by-step one is for debugging).
     checked = preflight(config, "ppo", mesh, "PPO") if ppo.fused else None
     policy = model_from_config(config, "lm", mesh)
     reward_model = load_reward_model(ppo.reward_model, "config.ppo.reward_model",
-                                     policy.config.vocab_size, mesh, frozen_overrides(config))
-    prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, template,
-                                             data.max_prompt_tokens)
+                                     tokenizer, mesh, frozen_overrides(config))
+    prompts, prompt_ids, prompt_mask = encode_prompt_file(prompts, tokenizer, template, data,
+                                                          "config.ppo.prompt_file")
     kept, ref_rewards, report = prepare_prompts(config, workdir, policy, reward_model,
                                                 prompt_ids, prompt_mask, prompts, tokenizer,
                                                 mesh)
@@ -575,12 +596,16 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                                       kept=kept, batch_size=ppo.batch_size, seed=config.seed,
                                       **process))
     if ppo.sft_coef > 0:
-        examples, _ = read_jsonl(ppo.sft_file, "sft", on_error=data.on_error)
+        examples, _ = read_jsonl(ppo.sft_file, "sft", on_error=data.on_error,
+                                 field="config.ppo.sft_file")
         sft_data = SFTDataset(examples, tokenizer, template,
                               batch_size=settings.updates_per_iteration * ppo.sft_batch_size,
                               max_prompt_tokens=data.max_prompt_tokens,
                               max_response_tokens=data.max_response_tokens,
-                              truncation=data.truncation, seed=config.seed, **process)
+                              truncation=data.truncation,
+                              special_tokens=data.special_tokens,
+                              source=f"config.ppo.sft_file = {ppo.sft_file!r}",
+                              seed=config.seed, **process)
         batches = ZippedBatches(batches, sft_data, prefix="sft_")
 
     policy_tx, critic_tx = ppo_optimizers(config, settings)

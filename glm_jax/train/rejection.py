@@ -28,6 +28,7 @@ from glm_jax.config import validate_config
 from glm_jax.data.records import SFTExample, read_jsonl, write_jsonl
 from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.train.common import (
+    check_tokenizer_fits,
     frozen_overrides,
     is_main_process,
     load_reward_model,
@@ -158,9 +159,10 @@ def rejection_sample(config: ConfigDict, workdir: str | Path) -> list[SFTExample
     prompts = read_prompts(rsft.prompt_file, "config.rsft.prompt_file", data.on_error)
     mesh = mesh_from_config(config)
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
+    check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
     policy = model_from_config(config, "lm", mesh)
     reward_model = load_reward_model(rsft.reward_model, "config.rsft.reward_model",
-                                     policy.config.vocab_size, mesh, frozen_overrides(config))
+                                     tokenizer, mesh, frozen_overrides(config))
     prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, template,
                                              data.max_prompt_tokens)
     settings = SamplingSettings.from_config(rsft, tokenizer, data.max_response_tokens)

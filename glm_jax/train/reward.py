@@ -24,12 +24,13 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from glm_jax.config import validate_config
-from glm_jax.data.pipeline import PreferenceDataset, tokenize_record
+from glm_jax.data.pipeline import PreferenceDataset, pad_batch, tokenize_record
 from glm_jax.data.records import PreferencePair, SFTExample, read_jsonl
 from glm_jax.losses import reward_model_loss
 from glm_jax.models.heads import GlmRewardModel
 from glm_jax.train import loop
 from glm_jax.train.common import (
+    check_tokenizer_fits,
     mesh_from_config,
     model_from_config,
     template_from_config,
@@ -174,23 +175,19 @@ def dataset_from_config(pairs: list[PreferencePair], tokenizer, template, config
     return PreferenceDataset(
         pairs, tokenizer, template, batch_size=config.rm.batch_size,
         max_prompt_tokens=data.max_prompt_tokens, max_response_tokens=data.max_response_tokens,
-        truncation=data.truncation, **kwargs)
+        truncation=data.truncation, special_tokens=data.special_tokens, **kwargs)
 
 
-def eval_batches(pairs: list[PreferencePair], tokenizer, template, config: ConfigDict
+def eval_batches(pairs: list[PreferencePair], tokenizer, template, config: ConfigDict,
+                 source: str = "the evaluation pairs"
                  ) -> tuple[list[dict[str, np.ndarray]], list[str]]:
-    """Every pair once, in order, as full batches (the last padded, real rows marked by
-    `valid`), and the task names that `task_index` refers to."""
+    """Every usable pair once, in order, as full batches (the last padded, real rows marked
+    by `valid`), and the task names that `task_index` refers to. Prints the tokenization
+    report; raises ValueError naming `source` when no pair is left."""
     dataset = dataset_from_config(pairs, tokenizer, template, config, shuffle=False,
-                                  num_epochs=1, drop_remainder=False)
-    out = []
-    for batch in dataset:
-        size = len(batch["chosen_ids"])
-        pad = config.rm.batch_size - size
-        padded = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in batch.items()}
-        padded["valid"] = np.arange(config.rm.batch_size) < size
-        out.append(padded)
-    return out, dataset.tasks
+                                  num_epochs=1, drop_remainder=False, source=source)
+    print(f"{source}: {dataset.report}")
+    return [pad_batch(batch, config.rm.batch_size) for batch in dataset], dataset.tasks
 
 
 @holds_workdir
@@ -211,18 +208,25 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
-    train_pairs, read_report = read_jsonl(rm.train_file, "preference", on_error=data.on_error)
-    eval_pairs = (read_jsonl(rm.eval_file, "preference", on_error=data.on_error)[0]
-                  if rm.eval_file else [])
+    check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
+    train_pairs, read_report = read_jsonl(rm.train_file, "preference", on_error=data.on_error,
+                                          field="config.rm.train_file")
     if read_report.num_skipped:
         print(f"{rm.train_file}: skipped {read_report.num_skipped} bad lines "
               f"(first: {read_report.first_skipped_lines})")
 
     train_data = dataset_from_config(train_pairs, tokenizer, template, config, seed=config.seed,
+                                     source=f"config.rm.train_file = {rm.train_file!r}",
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
     print(f"{rm.train_file}: {train_data.report}")
     train_iter = iter(train_data)
+    eval_set = None
+    if rm.eval_file:
+        eval_pairs, _ = read_jsonl(rm.eval_file, "preference", on_error=data.on_error,
+                                   field="config.rm.eval_file")
+        eval_set = eval_batches(eval_pairs, tokenizer, template, config,
+                                source=f"config.rm.eval_file = {rm.eval_file!r}")
 
     checked = preflight(config, "rm", mesh, "reward model")  # before any weights load
     model = model_from_config(config, "reward", mesh)
@@ -232,8 +236,8 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
     model_config = model.config
     del model
     eval_fn = None
-    if eval_pairs:
-        batches, task_names = eval_batches(eval_pairs, tokenizer, template, config)
+    if eval_set is not None:
+        batches, task_names = eval_set
 
         def eval_fn(state: TrainState) -> dict[str, Any]:
             return summarize_scores(score_pairs(graphdef, state.params, batches, mesh),
@@ -304,22 +308,26 @@ def run_eval_cli(config: ConfigDict, workdir: str | Path, *, pairs: str | None =
     validate_config(config)
     from glm_jax.data.records import write_jsonl
     from glm_jax.data.tokenizer import Tokenizer
+    from glm_jax.models.convert import require_kind
     from glm_jax.train.checkpoint import load_trained_model
 
     if not pairs and not responses:
         raise ValueError("nothing to do: give --pairs and/or --responses")
     if responses and not scores_output:
         raise ValueError("--responses needs --scores_output (where to write the scores)")
+    require_kind(workdir, "reward", "--workdir")
     model = load_trained_model(workdir, GlmRewardModel)
     tokenizer, template = Tokenizer.from_dir(workdir), template_from_config(config)
     summary: dict[str, Any] = {}
     if pairs:
-        records, _ = read_jsonl(pairs, "preference", on_error=config.data.on_error)
+        records, _ = read_jsonl(pairs, "preference", on_error=config.data.on_error,
+                                field="--pairs")
         summary = evaluate_pairs(model, tokenizer, template, records, config)
         if output:
             Path(output).write_text(json.dumps(summary, indent=2))
     if responses:
-        examples, _ = read_jsonl(responses, "sft", on_error=config.data.on_error)
+        examples, _ = read_jsonl(responses, "sft", on_error=config.data.on_error,
+                                 field="--responses")
         scored = score_responses(model, tokenizer, template, examples, config)
         write_jsonl(scores_output, [{**example.to_json(), "score": float(score)}
                                     for example, score in zip(examples, scored["score"],

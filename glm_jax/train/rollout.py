@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from glm_jax.data.pipeline import tokenize_record
+from glm_jax.data.pipeline import tokenize_prompts
 from glm_jax.data.records import PromptExample
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
 from glm_jax.generation import GenerationOutput, sample
@@ -61,14 +61,41 @@ def encode_prompts(prompts: Sequence[PromptExample], tokenizer: Tokenizer,
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Chat-rendered prompts left-padded to `max_prompt_tokens`: ids `[n, P]` int32 and mask
     `[n, P]` bool. An over-long prompt loses its oldest tokens after the template prefix, as
-    in training."""
-    ids = np.full((len(prompts), max_prompt_tokens), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros((len(prompts), max_prompt_tokens), bool)
-    for row, prompt in enumerate(prompts):
-        tokens = tokenize_record(prompt, tokenizer, template, max_prompt_tokens=max_prompt_tokens,
-                                 max_response_tokens=2)["prompt"]
-        ids[row, max_prompt_tokens - len(tokens):] = tokens
-        mask[row, max_prompt_tokens - len(tokens):] = True
+    in training; special-token strings in a prompt are encoded as plain text."""
+    tokens, _ = tokenize_prompts(prompts, tokenizer, template,
+                                 max_prompt_tokens=max_prompt_tokens)
+    return _left_pad(tokens, max_prompt_tokens, tokenizer.pad_token_id)
+
+
+def encode_prompt_file(prompts: Sequence[PromptExample], tokenizer: Tokenizer,
+                       template: ChatTemplate, data: ConfigDict, field: str
+                       ) -> tuple[list[PromptExample], np.ndarray, np.ndarray]:
+    """The prompts of the file in config `field` (e.g. "config.ppo.prompt_file") that
+    `data.truncation` and `data.special_tokens` keep, and their ids and mask as in
+    `encode_prompts` (`[kept, P]`). Prints how many prompts were truncated or dropped; raises
+    ValueError naming `field` when none is left."""
+    tokens, report = tokenize_prompts(prompts, tokenizer, template,
+                                      max_prompt_tokens=data.max_prompt_tokens,
+                                      truncation=data.truncation,
+                                      special_tokens=data.special_tokens)
+    print(f"{field}: {report}")
+    if not report.num_kept:
+        raise ValueError(f"{field}: no prompts left ({report}): raise "
+                         "config.data.max_prompt_tokens, or set config.data.truncation="
+                         "'truncate' / config.data.special_tokens='plain'")
+    kept = [i for i, ids in enumerate(tokens) if ids is not None]
+    ids, mask = _left_pad([tokens[i] for i in kept], data.max_prompt_tokens,
+                          tokenizer.pad_token_id)
+    return [prompts[i] for i in kept], ids, mask
+
+
+def _left_pad(tokens: Sequence[Sequence[int]], length: int, pad_token_id: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(tokens), length), pad_token_id, np.int32)
+    mask = np.zeros((len(tokens), length), bool)
+    for row, row_tokens in enumerate(tokens):
+        ids[row, length - len(row_tokens):] = row_tokens
+        mask[row, length - len(row_tokens):] = True
     return ids, mask
 
 

@@ -23,12 +23,13 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from glm_jax.config import validate_config
-from glm_jax.data.pipeline import PackedSFTDataset, SFTDataset
+from glm_jax.data.pipeline import PackedSFTDataset, SFTDataset, pad_batch
 from glm_jax.data.records import SFTExample, read_jsonl
 from glm_jax.losses import masked_mean
 from glm_jax.models.heads import GlmForCausalLM
 from glm_jax.train import loop
 from glm_jax.train.common import (
+    check_tokenizer_fits,
     mesh_from_config,
     model_from_config,
     template_from_config,
@@ -85,7 +86,8 @@ def sft_dataset(examples: list[SFTExample], tokenizer, template, config: ConfigD
     return dataset_cls(examples, tokenizer, template, batch_size=config.sft.batch_size,
                        max_prompt_tokens=data.max_prompt_tokens,
                        max_response_tokens=data.max_response_tokens,
-                       truncation=data.truncation, **kwargs)
+                       truncation=data.truncation, special_tokens=data.special_tokens,
+                       **kwargs)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -94,18 +96,26 @@ def _eval_loss_jit(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.
 
 
 def evaluate_sft(graphdef: nnx.GraphDef, params: Any, dataset: SFTDataset, mesh,
-                 ) -> dict[str, float]:
-    """Token-weighted response NLL (and perplexity) over every example of `dataset`."""
+                 source: str = "the evaluation set") -> dict[str, float]:
+    """Token-weighted response NLL (and perplexity) over every example of `dataset` (build it
+    with `num_epochs=1, drop_remainder=False`: a short last batch is padded with rows that
+    count for nothing). Raises ValueError naming `source` when there is no response token."""
     total, tokens, shardings = 0.0, 0, None
     for batch in tqdm(dataset, desc="evaluating", unit="batch", leave=False):
-        arrays = {k: v for k, v in batch.items() if k != "task_index"}
+        batch = pad_batch(batch, dataset.batch_size)
+        arrays = {k: v for k, v in batch.items() if k not in ("task_index", "valid")}
+        # Padding rows repeat a real row: no loss on them.
+        arrays["loss_mask"] = arrays["loss_mask"] & batch["valid"][:, None]
         shardings = shardings or batch_sharding(mesh, arrays)
         with jax.set_mesh(mesh):
             loss, stats = _eval_loss_jit(graphdef, params,
                                          global_to_device(arrays, shardings))
         count = int(stats["response_tokens"])
         total, tokens = total + float(loss) * count, tokens + count
-    nll = total / max(tokens, 1)
+    if not tokens:
+        raise ValueError(f"{source}: no response token to evaluate on; give it examples "
+                         "with responses")
+    nll = total / tokens
     return {"loss": nll, "perplexity": float(np.exp(nll)), "response_tokens": tokens}
 
 
@@ -122,18 +132,30 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
-    examples, read_report = read_jsonl(sft.train_file, "sft", on_error=data.on_error)
+    check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
+    examples, read_report = read_jsonl(sft.train_file, "sft", on_error=data.on_error,
+                                       field="config.sft.train_file")
     if read_report.num_skipped:
         print(f"{sft.train_file}: skipped {read_report.num_skipped} bad lines "
               f"(first: {read_report.first_skipped_lines})")
     packing = sft.get("packing", False)
     train_data = sft_dataset(examples, tokenizer, template, config, packing=packing,
+                             source=f"config.sft.train_file = {sft.train_file!r}",
                              seed=config.seed, process_index=jax.process_index(),
                              process_count=jax.process_count())
     print(f"{sft.train_file}: {train_data.report}")
     if packing:
         print(f"{sft.train_file}: {train_data.packing_report}")
     train_iter = iter(train_data)
+    eval_data = None
+    if sft.eval_file:
+        # Unpacked: the eval set and its numbers stay the same whatever the training rows.
+        eval_examples, _ = read_jsonl(sft.eval_file, "sft", on_error=data.on_error,
+                                      field="config.sft.eval_file")
+        eval_source = f"config.sft.eval_file = {sft.eval_file!r}"
+        eval_data = sft_dataset(eval_examples, tokenizer, template, config, shuffle=False,
+                                num_epochs=1, drop_remainder=False, source=eval_source)
+        print(f"{sft.eval_file}: {eval_data.report}")
 
     checked = preflight(config, "sft", mesh, "SFT")  # before any weights load
     model = model_from_config(config, "lm", mesh)
@@ -143,14 +165,10 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         graphdef, state = init_train_state(model, tx)
     del model
     eval_fn = None
-    if sft.eval_file:
-        # Unpacked: the eval set and its numbers stay the same whatever the training rows.
-        eval_examples, _ = read_jsonl(sft.eval_file, "sft", on_error=data.on_error)
-        eval_data = sft_dataset(eval_examples, tokenizer, template, config, shuffle=False,
-                                num_epochs=1, drop_remainder=True)
+    if eval_data is not None:
 
         def eval_fn(state: TrainState) -> dict[str, Any]:
-            return evaluate_sft(graphdef, state.params, eval_data, mesh)
+            return evaluate_sft(graphdef, state.params, eval_data, mesh, eval_source)
 
     return run_stage(
         config, sft, workdir, graphdef=graphdef, state=state,

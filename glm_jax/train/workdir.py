@@ -95,6 +95,39 @@ def hold_workdir(workdir: str | Path) -> Iterator[None]:
             workdir.rmdir()
 
 
+def write_file(path: str | Path, data: str | bytes) -> None:
+    """Writes `data` to `path` whole or not at all: a temporary sibling, flushed to disk, then
+    renamed over `path`, so a full disk or a kill never leaves `path` truncated. The file gets
+    the usual permissions (0o666 & ~umask), like every other file of a workdir. An OSError
+    (ENOSPC, EACCES) names `path` and says it was left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        # OSError(errno, ...) is the matching subclass again (PermissionError, ...).
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}. Free disk space "
+                               f"or fix the permissions of {path.parent}, then run again "
+                               f"({path} was left as it was)") from e
+
+
+def set_aside(path: str | Path, name: Callable[[int], str]) -> Path:
+    """Renames `path` to the sibling `name(n)` for the first n = 1, 2, ... that does not
+    exist, never over anything; returns the new path."""
+    path = Path(path)
+    n = 1
+    while (path.with_name(name(n))).exists():
+        n += 1
+    new = path.with_name(name(n))
+    path.rename(new)
+    return new
+
+
 def holds_workdir(train: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator for `train(config, workdir, ...)`: the whole call holds `workdir` (after
     starting the multi-process runtime that config.distributed asks for)."""
