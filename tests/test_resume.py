@@ -212,23 +212,32 @@ def test_best_metric_errors(tmp_path):
 
 def test_sigterm_while_sampling_reference_responses_exits_0_writing_nothing(
         tmp_path, monkeypatch, capsys):
+    from flax import nnx
+
     from glm_jax.data import Tokenizer
-    from glm_jax.train import ppo
+    from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
+    from glm_jax.models.tiny import tiny_config
+    from glm_jax.train import ppo, rollout
 
     def interrupted_sampling(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-sampling
         time.sleep(5)  # the handler stops the sampling before this ends
         raise AssertionError("the sampling was not abandoned")
 
-    monkeypatch.setattr(ppo, "sample_prompts", interrupted_sampling)
+    # The signal arrives inside rollout.sample_prompts' loop, which every sampler shares
+    # (PPO's reference responses and prompt filter, DPO's reward pairs, best-of-n).
+    monkeypatch.setattr(rollout, "_sample_and_score_jit", interrupted_sampling)
     config = ppo_config(prompt_file=str(tmp_path / "prompts.jsonl"),
                         reward_model=str(tmp_path / "rm"), filter_samples=0,
                         reference_reward=True)
     previous = signal.getsignal(signal.SIGTERM)
-    ids = np.zeros((4, 8), np.int32)
+    ids = np.ones((4, 8), np.int32)
+    policy = GlmForCausalLM(tiny_config(), rngs=nnx.Rngs(0))
+    reward_model = GlmRewardModel(tiny_config(), rngs=nnx.Rngs(1))
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     with pytest.raises(SystemExit) as exit_info:
-        ppo.prepare_prompts(config, tmp_path, None, None, ids, ids > 0,
-                            [PromptExample(f"q{i}") for i in range(4)], Tokenizer.tiny(), None)
+        ppo.prepare_prompts(config, tmp_path, policy, reward_model, ids, ids > 0,
+                            [PromptExample(f"q{i}") for i in range(4)], Tokenizer.tiny(), mesh)
     assert exit_info.value.code == 0
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
     assert ("SIGTERM asked to stop: abandoned sampling for the reference responses; nothing "

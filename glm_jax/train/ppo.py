@@ -67,7 +67,7 @@ from glm_jax.train.common import (
     tokenizer_from_config,
     trained_overrides,
 )
-from glm_jax.train.loop import Preemption, run_stage, update_if_finite
+from glm_jax.train.loop import run_stage, update_if_finite
 from glm_jax.train.preflight import preflight
 from glm_jax.train.programs import BoundStep, parameter_counts, ppo_iteration_flops
 from glm_jax.train.prompts import (
@@ -518,12 +518,9 @@ def prepare_prompts(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
                   truncation=data.truncation, special_tokens=data.special_tokens)
 
     def sampled(num_samples: int, settings: SamplingSettings, seed: int, desc: str):
-        # SIGTERM / SIGINT abandon the sampling (its cache is written only when complete)
-        # and exit 0 as the training loop does; a rerun samples again.
-        with Preemption(abandon=f"sampling for the {desc}"):
-            return sample_prompts(policy, reward_model, prompt_ids, prompt_mask,
-                                  num_samples=num_samples, batch_size=ppo.batch_size,
-                                  settings=settings, seed=seed, mesh=mesh, desc=desc)
+        return sample_prompts(policy, reward_model, prompt_ids, prompt_mask,
+                              num_samples=num_samples, batch_size=ppo.batch_size,
+                              settings=settings, seed=seed, mesh=mesh, desc=desc)
 
     report: dict[str, Any] = {"prompts": n}
     kept = np.ones(n, bool)

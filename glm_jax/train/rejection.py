@@ -38,7 +38,12 @@ from glm_jax.train.common import (
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.rollout import SamplingSettings, ScoredSamples, encode_prompts, sample_prompts
+from glm_jax.train.rollout import (
+    SamplingSettings,
+    ScoredSamples,
+    encode_prompt_file,
+    sample_prompts,
+)
 from glm_jax.train.sft import train_sft
 from glm_jax.train.workdir import holds_workdir
 
@@ -102,7 +107,8 @@ def _settings(config: ConfigDict) -> dict[str, Any]:
     settings = {**{f"rsft.{k}": v for k, v in config.rsft.items()},
                 "model.init_checkpoint": config.model.init_checkpoint, "seed": config.seed,
                 **{f"data.{k}": data[k] for k in ("tokenizer", "template", "max_prompt_tokens",
-                                                  "max_response_tokens")}}
+                                                  "max_response_tokens", "truncation",
+                                                  "special_tokens")}}
     return json.loads(json.dumps(settings))  # the form it takes after a JSON round trip
 
 
@@ -163,8 +169,8 @@ def rejection_sample(config: ConfigDict, workdir: str | Path) -> list[SFTExample
     policy = model_from_config(config, "lm", mesh)
     reward_model = load_reward_model(rsft.reward_model, "config.rsft.reward_model",
                                      tokenizer, mesh, frozen_overrides(config))
-    prompt_ids, prompt_mask = encode_prompts(prompts, tokenizer, template,
-                                             data.max_prompt_tokens)
+    prompts, prompt_ids, prompt_mask = encode_prompt_file(prompts, tokenizer, template, data,
+                                                          "config.rsft.prompt_file")
     settings = SamplingSettings.from_config(rsft, tokenizer, data.max_response_tokens)
     samples = sample_prompts(policy, reward_model, prompt_ids, prompt_mask,
                              num_samples=rsft.num_samples, batch_size=rsft.batch_size,

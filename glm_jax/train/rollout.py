@@ -26,7 +26,7 @@ from glm_jax.data.records import PromptExample
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
 from glm_jax.generation import GenerationOutput, sample
 from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
-from glm_jax.train.loop import batch_sharding, global_to_device, to_host
+from glm_jax.train.loop import Preemption, batch_sharding, global_to_device, to_host
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,10 @@ def sample_prompts(policy: GlmForCausalLM, reward_model: GlmRewardModel,
                    desc: str = "sampling") -> ScoredSamples:
     """`num_samples` scored responses for each of the `[n, P]` prompts, `batch_size` rows per
     compiled call (a short last batch is padded, so one program serves every call). The
-    result depends only on (params, prompts, settings, seed, batch_size)."""
+    result depends only on (params, prompts, settings, seed, batch_size).
+
+    SIGTERM / SIGINT abandon the sampling (the callers write their caches and outputs only
+    from a complete result) and exit 0 as the training loop does; a rerun samples again."""
     n = len(prompt_ids)
     rows = np.repeat(np.arange(n), num_samples)  # prompt of each (prompt, sample) row
     policy_graphdef, policy_params = nnx.split(policy)
@@ -163,19 +166,20 @@ def sample_prompts(policy: GlmForCausalLM, reward_model: GlmRewardModel,
     key = jax.random.key(seed)
     parts: list[tuple[Any, ...]] = []
     shardings = None
-    for number, start in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc,
-                                        unit="batch", leave=False)):
-        chunk = rows[start:start + batch_size]
-        index = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
-        batch = {"ids": prompt_ids[index], "mask": prompt_mask[index]}
-        shardings = shardings or batch_sharding(mesh, batch)
-        batch = global_to_device(batch, shardings)
-        with jax.set_mesh(mesh):
-            out, rewards = _sample_and_score_jit(
-                policy_graphdef, reward_graphdef, settings, policy_params, reward_params,
-                batch["ids"], batch["mask"], jax.random.fold_in(key, number))
-        parts.append(tuple(x[:len(chunk)] for x in to_host(
-            (out.tokens, out.response_mask, out.ended_with_eos, rewards))))
+    with Preemption(abandon=f"sampling for the {desc}"):
+        for number, start in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc,
+                                            unit="batch", leave=False)):
+            chunk = rows[start:start + batch_size]
+            index = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
+            batch = {"ids": prompt_ids[index], "mask": prompt_mask[index]}
+            shardings = shardings or batch_sharding(mesh, batch)
+            batch = global_to_device(batch, shardings)
+            with jax.set_mesh(mesh):
+                out, rewards = _sample_and_score_jit(
+                    policy_graphdef, reward_graphdef, settings, policy_params, reward_params,
+                    batch["ids"], batch["mask"], jax.random.fold_in(key, number))
+            parts.append(tuple(x[:len(chunk)] for x in to_host(
+                (out.tokens, out.response_mask, out.ended_with_eos, rewards))))
     tokens, response_mask, ended, rewards = (np.concatenate(column)
                                              for column in zip(*parts, strict=True))
     shape = (n, num_samples)
