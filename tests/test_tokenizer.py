@@ -233,6 +233,14 @@ def test_sentencepiece_special_tokens(sp_dir: Path) -> None:
         sp.eos_id(),
     ]
     assert tok.pad_token_id == sp.piece_to_id("<|endoftext|>")
+    # The id -> (token, special) table the reward-model check compares: every piece, and
+    # special exactly for the ids encode() splits out of text.
+    table = tok.token_table()
+    assert sorted(table) == list(range(sp.get_piece_size()))
+    assert {i for i, (_, special) in table.items() if special} == {
+        i for i in range(sp.get_piece_size())
+        if sp.is_control(i) or tok.encode(sp.id_to_piece(i)) == [i]}
+    assert table[sp.piece_to_id("<|user|>")] == ("<|user|>", True)
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ class _Backend(Protocol):
 
     def encode_plain(self, text: str) -> list[int]: ...
 
+    def token_table(self) -> dict[int, tuple[str, bool]]: ...
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str: ...
 
     def token_to_id(self, token: str) -> int | None: ...
@@ -97,6 +99,11 @@ class _HFBackend:
         pieces = (tok.pre_tokenizer.pre_tokenize_str(normalized) if tok.pre_tokenizer
                   else [(normalized, None)])
         return [token.id for piece, _ in pieces for token in tok.model.tokenize(piece)]
+
+    def token_table(self) -> dict[int, tuple[str, bool]]:
+        special = set(self.special_tokens)
+        return {i: (token, token in special)
+                for token, i in self._tok.get_vocab(with_added_tokens=True).items()}
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -151,6 +158,11 @@ class _SPBackend:
 
     def encode_plain(self, text: str) -> list[int]:
         return list(self._plain_sp.encode_as_ids(text))
+
+    def token_table(self) -> dict[int, tuple[str, bool]]:
+        # Special as encode() treats them: control pieces and GLM's special tokens.
+        return {i: (self._sp.id_to_piece(i), self._sp.is_control(i) or i in self._special_ids)
+                for i in range(self._sp.get_piece_size())}
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         # Decode each run between special ids on its own: encode() encoded those runs separately
@@ -257,6 +269,11 @@ class Tokenizer:
                              f"gives special ids {special}; set config.data.special_tokens="
                              "'refuse' to drop such records")
         return ids
+
+    def token_table(self) -> dict[int, tuple[str, bool]]:
+        """Every id -> (its token, whether it is special): what a model trained with this
+        tokenizer has learnt the ids to mean (a re-saved copy has the same table)."""
+        return self._backend.token_table()
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Ids to text, dropping special tokens unless ``skip_special_tokens`` is False."""

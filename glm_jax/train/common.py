@@ -14,7 +14,6 @@ from glm_jax.data.records import PromptExample, read_jsonl
 from glm_jax.data.tokenizer import (
     CHATGLM3_TEMPLATE,
     GLM4_TEMPLATE,
-    SPECIAL_TOKENS,
     ChatTemplate,
     Tokenizer,
 )
@@ -74,31 +73,12 @@ def tokenizer_source(config: ConfigDict, tokenizer: Tokenizer) -> str:
     return f"the bundled tiny tokenizer {tokenizer.path}, as config.data.tokenizer is empty"
 
 
-def token_table(tokenizer: Tokenizer) -> dict[int, tuple[str, bool]]:
-    """Every id of `tokenizer` -> (its token, whether it is special): what a model trained
-    with it has learnt the ids to mean. Read from its file, so a re-saved copy of a tokenizer
-    has the same table."""
-    path = tokenizer.path
-    if path.suffix == ".json":
-        from tokenizers import Tokenizer as HFTokenizer
-
-        hf = HFTokenizer.from_file(str(path))
-        special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
-        return {i: (t, t in special) for t, i in hf.get_vocab(with_added_tokens=True).items()}
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    # As the sentencepiece backend splits them out of text: control pieces and GLM's.
-    return {i: (sp.id_to_piece(i), sp.is_control(i) or sp.id_to_piece(i) in SPECIAL_TOKENS)
-            for i in range(sp.get_piece_size())}
-
-
 def check_vocab(tokenizer: Tokenizer, vocab_size: int, model_source: str,
                 tokenizer_source: str) -> None:
     """Raises when a model of `vocab_size` embedding rows (from `model_source`, in words) has
     none for some of `tokenizer`'s ids (from `tokenizer_source`): those ids would read past the
     embedding, and training would give loss=nan at every step."""
-    num_ids = max(token_table(tokenizer)) + 1
+    num_ids = max(tokenizer.token_table()) + 1
     if vocab_size < num_ids:
         raise ValueError(
             f"the model's vocab_size {vocab_size} ({model_source}) is smaller than the "
@@ -227,7 +207,7 @@ def load_reward_model(path: str, field: str, tokenizer: Tokenizer, mesh: Mesh,
                                 "model_config.json and the tokenizer into its workdir; to a "
                                 "workdir without its tokenizer, copy the one the reward model "
                                 "was trained with)") from e
-    table, policy_table = token_table(own_tokenizer), token_table(tokenizer)
+    table, policy_table = own_tokenizer.token_table(), tokenizer.token_table()
     if table != policy_table:
         i = min(i for i in table.keys() | policy_table.keys()
                 if table.get(i) != policy_table.get(i))
@@ -247,7 +227,7 @@ def load_reward_model(path: str, field: str, tokenizer: Tokenizer, mesh: Mesh,
 
 
 def _token_words(entry: tuple[str, bool] | None) -> str:
-    """An entry of `token_table`, in words."""
+    """An entry of `Tokenizer.token_table`, in words."""
     if entry is None:
         return "absent"
     return repr(entry[0]) + (" (special)" if entry[1] else "")
