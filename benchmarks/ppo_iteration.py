@@ -46,8 +46,14 @@ from flax import nnx
 import glm_jax
 from glm_jax.models.heads import GlmRewardModel, GlmValueModel
 from glm_jax.models.tiny import tiny_config
-from glm_jax.sharding import MeshConfig, check_model_fits_mesh, make_mesh, shard_state
-from glm_jax.train.loop import batch_sharding, to_device
+from glm_jax.sharding import (
+    MeshConfig,
+    batch_sharding,
+    check_model_fits_mesh,
+    make_mesh,
+    shard_state,
+    to_device,
+)
 from glm_jax.train.ppo import PPOProgram, PPOSettings, init_ppo_state
 from glm_jax.train.programs import parameter_counts, ppo_iteration_flops
 from glm_jax.train.rollout import SamplingSettings

@@ -20,8 +20,6 @@ from typing import Any, get_args
 
 from ml_collections import ConfigDict
 
-from glm_jax.pipeline.world import WorldConfig
-
 # Mesh axis sizes for common machines (`data`, `fsdp`, `tensor`; -1 takes the remaining
 # devices). Training programs shard parameters over fsdp x tensor and the batch over
 # data x fsdp; PPO's generation favours tensor over fsdp (no all-gathers per decode step).
@@ -144,18 +142,24 @@ def default_config() -> ConfigDict:
         filter_samples=0, filter_min_variance=1e-3,
         checkpoint_every=10, keep_checkpoints=2, log_every=1,
         max_nonfinite_steps=10))
-    # The embedded pipeline (scripts/run_pipeline.py): the synthetic world's sizes and its
-    # annotators (every field of glm_jax.pipeline.world.WorldConfig but its seed, which is
-    # config.seed, with the defaults and meanings given there), and the length-balancing
-    # buckets of |len(chosen) - len(rejected)| tokens. The stages use the sections above. The
-    # annotators judge the SFT model's responses, annotate_samples sampled per preference
-    # prompt; the policies are evaluated on eval_samples responses per held-out prompt and on
-    # their greedy ones. Both sample with config.ppo's temperature / top_k / top_p.
-    # ablation_steps: steps of the unbalanced reward model and iterations of the PPO
-    # ablations (0: as many as the main runs).
-    world = {k: v for k, v in dataclasses.asdict(WorldConfig()).items() if k != "seed"}
-    config.pipeline = ConfigDict(dict(**world, bucket_edges="1,2,4,8", annotate_samples=4,
-                                      eval_samples=4, ablation_steps=0))
+    # The embedded pipeline (scripts/run_pipeline.py). The synthetic world
+    # (glm_jax.pipeline.world.WorldConfig, whose defaults these are; its seed is config.seed):
+    # its sizes; p_correct, a demonstration's content is right; p_verbose, it carries filler;
+    # annotators prefer A over B with probability sigmoid(quality_scale * (q_A - q_B) +
+    # length_bias * (words_A - words_B)); pairs whose gold qualities differ by less than
+    # tie_margin are marked ties with p_tie; p_cycle of the prompts get three responses judged
+    # in a cycle. bucket_edges: the length-balancing buckets of |len(chosen) - len(rejected)|
+    # tokens. The stages use the sections above. The annotators judge the SFT model's
+    # responses, annotate_samples sampled per preference prompt; the policies are evaluated on
+    # eval_samples responses per held-out prompt and on their greedy ones. Both sample with
+    # config.ppo's temperature / top_k / top_p. ablation_steps: steps of the unbalanced reward
+    # model and iterations of the PPO ablations (0: as many as the main runs).
+    config.pipeline = ConfigDict(dict(
+        num_sft=2000, num_capability_sft=240, num_preference_prompts=5000,
+        num_test_preference_prompts=300, num_rl_prompts=512, num_eval_prompts_per_task=48,
+        p_correct=0.55, p_verbose=0.35, quality_scale=8.0, length_bias=1.5, tie_margin=0.05,
+        p_tie=0.5, p_cycle=0.04,
+        bucket_edges="1,2,4,8", annotate_samples=4, eval_samples=4, ablation_steps=0))
     # Several processes (hosts) through JAX's multi-controller runtime. Empty
     # coordinator_address: detected on TPU pods, SLURM and Open MPI, or read from
     # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; a plain run is one process.

@@ -1,4 +1,28 @@
-"""Losses of the training programs, as pure functions over arrays (shapes in docstrings)."""
+"""Losses of the training programs, as pure functions over arrays (shapes in docstrings).
+
+The paper's equations (ChatGLM-RLHF, sections 3.3-3.4) and the functions that compute them:
+
+  eq. (1)  pairwise reward-model loss -log sigmoid(r_w - r_l)   `reward_pairwise_loss`
+  eq. (2)  L2 prior r_w^2 + r_l^2 on the reward scale           `reward_l2_prior`
+  (1) + l2_coef * (2), what reward-model training minimises     `reward_model_loss`
+  eq. (4)  per-token reward: -beta * KL on every response token
+           plus the sequence score on the last one              `kl_penalised_token_rewards`
+           (per-token KL estimators k1/k2/k3: `kl_penalty`)
+  eq. (5)  score minus the reference response's reward          `reference_relative_reward`
+  eq. (6)  the SFT term of PPO: next-token NLL on supervised
+           data, as a token mean (the paper writes a sum; the
+           coefficient is the caller's)                         `sft_loss`
+  eq. (7)  DPO over the valid preference pairs                  `dpo_loss`
+
+PPO (eq. 3 with a critic): `gae`, `ppo_policy_loss`, `ppo_value_loss`, `entropy_from_logits`.
+Critic-free estimators (not wired into a trainer yet), for `[num_prompts * G]` sequence rewards
+laid out prompt-major (G = num_generations consecutive rows per prompt): `grpo_advantages`
+(GRPO; `scale_by_std=False` is Dr. GRPO), `rloo_advantages`, `reinforce_pp_advantages`
+(REINFORCE++), each with an optional eq. (5) baseline; `groups_without_signal` (DAPO dynamic
+sampling without refilling); `clipped_policy_loss` (asymmetric clip-higher and the loss
+aggregation modes of `aggregate_loss`); `kl_loss` (GRPO's k3 KL as a loss term);
+`overlong_penalty` (DAPO's soft overlong punishment).
+"""
 
 from __future__ import annotations
 
@@ -8,20 +32,35 @@ import jax
 import jax.numpy as jnp
 
 
+def reward_pairwise_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array) -> jax.Array:
+    """Paper eq. (1): mean over the (global) batch of `-log sigmoid(r_chosen - r_rejected)`.
+
+    chosen_rewards, rejected_rewards: `[batch]` float (computed in float32).
+    Returns a float32 scalar; exactly ln 2 when the rewards are equal, stable at any margin.
+    """
+    _check_shapes("reward_pairwise_loss", chosen_rewards, rejected_rewards)
+    return jnp.mean(-jax.nn.log_sigmoid(_f32(chosen_rewards) - _f32(rejected_rewards)))
+
+
+def reward_l2_prior(chosen_rewards: jax.Array, rejected_rewards: jax.Array) -> jax.Array:
+    """Paper eq. (2): mean over the (global) batch of `r_chosen^2 + r_rejected^2`.
+
+    A zero-mean Gaussian prior on the scores that keeps their scale from drifting (trl's
+    "center rewards" penalises `(r_chosen + r_rejected)^2` instead: a different objective).
+    chosen_rewards, rejected_rewards: `[batch]` float. Returns a float32 scalar.
+    """
+    _check_shapes("reward_l2_prior", chosen_rewards, rejected_rewards)
+    return jnp.mean(_f32(chosen_rewards) ** 2 + _f32(rejected_rewards) ** 2)
+
+
 def reward_model_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array,
                       l2_coef: float = 0.0) -> jax.Array:
-    """Pairwise reward-model loss, paper eq. (1) + (2), averaged over the (global) batch.
-
-    `-log sigmoid(r_chosen - r_rejected) + l2_coef * (r_chosen^2 + r_rejected^2)`; the
-    regulariser keeps the reward scale from drifting (trl's "center rewards" penalises
-    `(r_chosen + r_rejected)^2` instead: a different objective).
+    """Reward-model loss: eq. (1) + l2_coef * eq. (2), averaged over the (global) batch.
 
     chosen_rewards, rejected_rewards: `[batch]`. Returns a float32 scalar.
     """
-    chosen = chosen_rewards.astype(jnp.float32)
-    rejected = rejected_rewards.astype(jnp.float32)
-    pairwise = -jax.nn.log_sigmoid(chosen - rejected)
-    return jnp.mean(pairwise + l2_coef * (chosen**2 + rejected**2))
+    return (reward_pairwise_loss(chosen_rewards, rejected_rewards)
+            + l2_coef * reward_l2_prior(chosen_rewards, rejected_rewards))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,23 +201,29 @@ def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax
 
 
 def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
-             ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array,
-             beta: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """DPO loss, paper eq. (7), averaged over the (global) batch of preference pairs.
+             ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array, beta: float,
+             valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """DPO loss, paper eq. (7), averaged over the valid preference pairs of the (global) batch.
 
     All four log-prob arguments: `[batch]` float (computed in float32), sequence log-probs
     log pi(y|x) of the chosen (y_w) / rejected (y_l) response under the policy / the frozen
     reference pi_0 (see `sequence_logprobs`). beta: the KL-strength temperature.
+    valid: `[batch]` bool, the pairs that count (None: all of them). An invalid pair's
+    log-probs are replaced by 0 before any arithmetic, so nothing of it (even NaN) reaches the
+    value or the gradient, and a batch without a valid pair gives loss 0 with gradient 0.
     Returns (loss: float32 scalar, chosen_rewards: `[batch]` float32,
     rejected_rewards: `[batch]` float32); the rewards are the implicit rewards
-    beta * (log pi - log pi_0), gradient-stopped (they are for logging).
+    beta * (log pi - log pi_0), gradient-stopped (they are for logging), 0 on invalid pairs.
     """
-    _check_shapes("dpo_loss", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                  ref_rejected_logps)
-    chosen = beta * (_f32(policy_chosen_logps) - _f32(ref_chosen_logps))
-    rejected = beta * (_f32(policy_rejected_logps) - _f32(ref_rejected_logps))
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    valid = jnp.ones(jnp.shape(policy_chosen_logps), bool) if valid is None else _bool(valid)
+    _check_shapes("dpo_loss", *logps, valid)
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = (
+        _masked(_f32(x), valid) for x in logps)
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
     # -log_sigmoid is softplus(-z): stable for any margin, and exactly ln 2 at z = 0.
-    loss = jnp.mean(-jax.nn.log_sigmoid(chosen - rejected))
+    loss = masked_mean(-jax.nn.log_sigmoid(chosen - rejected), valid)
     return loss, jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
 
 
@@ -208,6 +253,49 @@ def kl_penalty(logps: jax.Array, ref_logps: jax.Array, kind: KLKind,
         neg = -log_ratio
         kl = jnp.expm1(neg) - neg
     return jnp.clip(kl, -clamp, clamp)
+
+
+def _check_per_sequence(name: str, per_sequence: jax.Array, mask: jax.Array) -> None:
+    # A `[batch]` array next to a `[batch, length]` mask: catch a transposed or token-level one.
+    if jnp.shape(per_sequence) != jnp.shape(mask)[:1]:
+        raise ValueError(f"{name}: a per-sequence argument has shape {jnp.shape(per_sequence)}, "
+                         f"expected [batch] = {jnp.shape(mask)[:1]} (the mask is "
+                         f"{jnp.shape(mask)})")
+
+
+def _last_index(mask: jax.Array) -> jax.Array:
+    """`[batch, length]` bool -> `[batch]` int32, the last true position of each row (-1 if
+    none)."""
+    slots = jnp.arange(mask.shape[-1], dtype=jnp.int32)
+    return jnp.max(jnp.where(mask, slots, -1), axis=-1)
+
+
+def kl_penalised_token_rewards(scores: jax.Array, kl: jax.Array, response_mask: jax.Array,
+                               kl_coef: float | jax.Array) -> jax.Array:
+    """Paper eq. (4) per token: -kl_coef * kl on every response token, plus the sequence score
+    on the last response token (the EOS, or the length limit's last token); 0 on padding.
+
+    scores: `[batch]` float, the sequence reward r (eq. 5's `reference_relative_reward` or the
+    raw reward-model score). kl: `[batch, length]` float, a per-token KL estimate
+    (`kl_penalty`). response_mask: `[batch, length]` bool. kl_coef: beta (a scalar).
+    Returns `[batch, length]` float32; a row with an empty mask is all 0.
+    """
+    _check_shapes("kl_penalised_token_rewards", kl, response_mask)
+    _check_per_sequence("kl_penalised_token_rewards", scores, response_mask)
+    mask = _bool(response_mask)
+    on_last = jnp.arange(mask.shape[1])[None, :] == _last_index(mask)[:, None]
+    rewards = -kl_coef * _masked(_f32(kl), mask) + jnp.where(on_last, _f32(scores)[:, None], 0.0)
+    return _masked(rewards, mask)
+
+
+def reference_relative_reward(scores: jax.Array, reference_rewards: jax.Array) -> jax.Array:
+    """Paper eq. (5)'s baseline: the score of each response minus the reward of the reference
+    response to the same prompt (generated once by the initial policy).
+
+    scores, reference_rewards: `[batch]` float. Returns `[batch]` float32.
+    """
+    _check_shapes("reference_relative_reward", scores, reference_rewards)
+    return _f32(scores) - _f32(reference_rewards)
 
 
 def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float,
@@ -247,22 +335,64 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float,
     return advantages, returns
 
 
-def ppo_policy_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array,
-                    mask: jax.Array, clip_ratio: float,
-                    log_ratio_clamp: float = 20.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Clipped PPO surrogate loss, averaged over the global count of response tokens.
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
+
+def aggregate_loss(per_token: jax.Array, mask: jax.Array,
+                   aggregation: Aggregation = "token_mean",
+                   norm_length: int | None = None) -> jax.Array:
+    """Reduce a per-token loss to a scalar over the masked tokens of the whole (global) batch.
+
+    per_token: `[batch, length]` float (computed in float32). mask: `[batch, length]` bool.
+    aggregation: "token_mean": sum over all masked tokens / their count (DAPO: every token
+    weighs the same); "seq_mean_token_mean": each sequence's masked token mean, then the mean
+    over the sequences (GRPO: every sequence weighs the same); "seq_mean_token_sum_norm": each
+    sequence's masked token sum / `norm_length`, then the mean over the sequences (Dr. GRPO: a
+    constant divisor, so no length bias). The sequence means run over the rows with at least
+    one masked token: a dropped row (all-false mask) does not dilute the loss.
+    norm_length: the constant divisor of "seq_mean_token_sum_norm" (e.g. the max response
+    length), a positive int; None: `length`, the padded response length.
+    Returns a float32 scalar; 0 when the mask selects nothing.
+    """
+    if aggregation not in _AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; valid: {_AGGREGATIONS}")
+    if norm_length is not None and norm_length <= 0:
+        raise ValueError(f"aggregate_loss: norm_length={norm_length} must be a positive "
+                         "number of tokens (e.g. the max response length), or None")
+    per_token, mask = _f32(per_token), _bool(mask)
+    _check_shapes("aggregate_loss", per_token, mask)
+    if aggregation == "token_mean":
+        return masked_mean(per_token, mask)
+    if aggregation == "seq_mean_token_mean":
+        per_sequence = masked_mean(per_token, mask, axis=1)
+    else:
+        per_sequence = jnp.sum(_masked(per_token, mask), axis=1) / (norm_length or mask.shape[1])
+    return masked_mean(per_sequence, jnp.any(mask, axis=1))
+
+
+def clipped_policy_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array,
+                        mask: jax.Array, clip_low: float, clip_high: float,
+                        aggregation: Aggregation = "token_mean",
+                        norm_length: int | None = None, log_ratio_clamp: float = 20.0
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped policy-gradient surrogate with the ratio clipped to [1 - clip_low, 1 + clip_high].
+
+    clip_low == clip_high is PPO's symmetric clip (`ppo_policy_loss`); clip_high > clip_low is
+    DAPO's clip-higher (more room for raising unlikely tokens).
     logps: `[batch, length]` float, log-probs of the taken tokens under the current policy
     (differentiated). old_logps: `[batch, length]` float, the same under the sampling policy.
-    advantages: `[batch, length]` float (e.g. whitened GAE). mask: `[batch, length]` bool, the
-    response tokens. clip_ratio: eps of the ratio clip [1 - eps, 1 + eps].
+    advantages: `[batch, length]` float (a per-sequence `[batch]` advantage, as from
+    `grpo_advantages`, broadcast with `jnp.broadcast_to(adv[:, None], mask.shape)`).
+    mask: `[batch, length]` bool, the response tokens.
+    aggregation, norm_length: how the per-token losses become a scalar (`aggregate_loss`).
     log_ratio_clamp: the log-ratio is clamped to [-c, c] before exp (no overflow to inf).
-    Returns (loss: float32 scalar, stats) with float32 scalar stats, gradient-stopped:
-    `clip_fraction` (masked fraction of tokens where the clipped branch is the larger loss),
-    `approx_kl` (masked mean of the k3 estimator (ratio - 1) - log ratio: unbiased for
-    KL(pi_old || pi) on tokens sampled from pi_old, always >= 0), `ratio_mean` (masked mean).
+    Returns (loss: float32 scalar, stats) with float32 scalar stats, gradient-stopped, all
+    token means: `clip_fraction` (masked fraction of tokens where the clipped branch is the
+    larger loss), `approx_kl` (masked mean of the k3 estimator (ratio - 1) - log ratio:
+    unbiased for KL(pi_old || pi) on tokens sampled from pi_old, always >= 0), `ratio_mean`.
     """
-    _check_shapes("ppo_policy_loss", logps, old_logps, advantages, mask)
+    _check_shapes("clipped_policy_loss", logps, old_logps, advantages, mask)
     mask = _bool(mask)
     logps = jnp.where(mask, _f32(logps), 0.0)
     old_logps = jnp.where(mask, _f32(old_logps), 0.0)
@@ -271,11 +401,11 @@ def ppo_policy_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Arra
     log_ratio = jnp.clip(logps - old_logps, -log_ratio_clamp, log_ratio_clamp)
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     # Pessimistic bound: the larger loss. It is `clipped` exactly when the ratio has left the
-    # trust region in the direction the advantage pushes it (A > 0 and ratio > 1 + eps, or
-    # A < 0 and ratio < 1 - eps); there the gradient is 0.
-    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    # trust region in the direction the advantage pushes it (A > 0 and ratio > 1 + clip_high,
+    # or A < 0 and ratio < 1 - clip_low); there the gradient is 0.
+    loss = aggregate_loss(jnp.maximum(unclipped, clipped), mask, aggregation, norm_length)
 
     stats = {
         "clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
@@ -283,6 +413,20 @@ def ppo_policy_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Arra
         "ratio_mean": masked_mean(ratio, mask),
     }
     return loss, jax.lax.stop_gradient(stats)
+
+
+def ppo_policy_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array,
+                    mask: jax.Array, clip_ratio: float,
+                    log_ratio_clamp: float = 20.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO's clipped surrogate: `clipped_policy_loss` with the symmetric clip
+    [1 - clip_ratio, 1 + clip_ratio], averaged over the global count of response tokens.
+
+    logps, old_logps, advantages: `[batch, length]` float; mask: `[batch, length]` bool (see
+    `clipped_policy_loss`). Returns (loss: float32 scalar, stats: `clip_fraction`,
+    `approx_kl`, `ratio_mean`, float32 scalars, gradient-stopped).
+    """
+    return clipped_policy_loss(logps, old_logps, advantages, mask, clip_ratio, clip_ratio,
+                               log_ratio_clamp=log_ratio_clamp)
 
 
 def ppo_value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array,
@@ -328,6 +472,146 @@ def entropy_from_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
     safe_logp = jnp.where(probs > 0, logp, 0.0)
     entropy = -jnp.sum(probs * safe_logp, axis=-1)
     return masked_mean(entropy, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic-free policy optimisation (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO). The sampler draws
+# G = num_generations responses per prompt; sequence rewards are `[num_prompts * G]` laid out
+# prompt-major (a prompt's G responses are consecutive rows), so a group is a reshape of the
+# whole (global) array. `baseline` is eq. (5)'s reference reward, `[batch]`, subtracted first;
+# one value per prompt cancels in a group's centring (GRPO, RLOO) but not across prompts
+# (REINFORCE++'s batch normalisation).
+# ---------------------------------------------------------------------------------------------
+
+
+def _groups(name: str, rewards: jax.Array, num_generations: int,
+            baseline: jax.Array | None) -> jax.Array:
+    """`[num_prompts * G]` rewards (minus the baseline) -> `[num_prompts, G]` float32."""
+    if (jnp.ndim(rewards) != 1 or num_generations < 1
+            or jnp.shape(rewards)[0] % num_generations):
+        raise ValueError(f"{name}: rewards of shape {jnp.shape(rewards)} are not "
+                         f"[num_prompts * num_generations] with num_generations="
+                         f"{num_generations}; give a positive num_generations and a batch of "
+                         "whole groups (each prompt's responses on consecutive rows)")
+    rewards = _f32(rewards) if baseline is None else reference_relative_reward(rewards, baseline)
+    return rewards.reshape(-1, num_generations)
+
+
+def _no_signal(groups: jax.Array, atol: float = 0.0) -> jax.Array:
+    """`[num_prompts, G]` -> `[num_prompts]` bool, true where all G rewards are equal."""
+    return jnp.max(groups, axis=1) - jnp.min(groups, axis=1) <= atol
+
+
+def grpo_advantages(rewards: jax.Array, num_generations: int, scale_by_std: bool = True,
+                    eps: float = 1e-6, baseline: jax.Array | None = None) -> jax.Array:
+    """GRPO's group-relative advantage: (r - mean of its group) / (std of its group + eps).
+
+    rewards: `[num_prompts * G]` float, sequence rewards, prompt-major. num_generations: G.
+    scale_by_std: False gives Dr. GRPO (no division by the std, which over-weights groups of
+    nearly equal rewards). eps: added to the std. The std is the unbiased one (ddof=1, as
+    torch.std in GRPO's reference implementations); for G = 1 the divisor is clamped to 1.
+    baseline: optional `[num_prompts * G]` reward to subtract first (eq. 5).
+    A group of equal rewards gets exactly 0 (not rounding noise divided by eps).
+    Returns `[num_prompts * G]` float32, one advantage per sequence (broadcast it over the
+    response tokens for `clipped_policy_loss`).
+    """
+    groups = _groups("grpo_advantages", rewards, num_generations, baseline)
+    centred = groups - jnp.mean(groups, axis=1, keepdims=True)
+    if scale_by_std:
+        var = jnp.sum(centred**2, axis=1, keepdims=True) / max(num_generations - 1, 1)
+        centred = centred / (jnp.sqrt(var) + eps)
+    # A group mean of equal floats can differ from them in the last bit.
+    return jnp.where(_no_signal(groups)[:, None], 0.0, centred).reshape(-1)
+
+
+def rloo_advantages(rewards: jax.Array, num_generations: int,
+                    baseline: jax.Array | None = None) -> jax.Array:
+    """RLOO's leave-one-out advantage: r minus the mean of the other G - 1 rewards of its group.
+
+    rewards: `[num_prompts * G]` float, sequence rewards, prompt-major. num_generations: G >= 2.
+    baseline: optional `[num_prompts * G]` reward to subtract first (eq. 5).
+    A group of equal rewards gets exactly 0. Returns `[num_prompts * G]` float32.
+    """
+    if num_generations < 2:
+        raise ValueError(f"rloo_advantages: num_generations={num_generations}, but the "
+                         "leave-one-out baseline needs at least 2 responses per prompt; "
+                         "sample num_generations >= 2")
+    groups = _groups("rloo_advantages", rewards, num_generations, baseline)
+    others = (jnp.sum(groups, axis=1, keepdims=True) - groups) / (num_generations - 1)
+    return jnp.where(_no_signal(groups)[:, None], 0.0, groups - others).reshape(-1)
+
+
+def reinforce_pp_advantages(scores: jax.Array, kl: jax.Array, response_mask: jax.Array,
+                            kl_coef: float | jax.Array, gamma: float = 1.0,
+                            baseline: jax.Array | None = None, eps: float = 1e-8) -> jax.Array:
+    """REINFORCE++: the discounted reward-to-go of eq. (4)'s per-token KL-penalised reward,
+    normalised to mean 0, std 1 over all response tokens of the (global) batch.
+
+    scores: `[batch]` float, sequence rewards. kl: `[batch, length]` float, a per-token KL
+    estimate (`kl_penalty`). response_mask: `[batch, length]` bool. kl_coef: beta.
+    gamma: discount of the reward-to-go. baseline: optional `[batch]` reward to subtract from
+    the scores first (eq. 5). eps: added to the variance before the square root.
+    Returns `[batch, length]` float32 token advantages, 0 outside the mask.
+    """
+    if baseline is not None:
+        scores = reference_relative_reward(scores, baseline)
+    rewards = kl_penalised_token_rewards(scores, kl, response_mask, kl_coef)
+    # GAE with V = 0 and lambda = 1 is exactly the discounted reward-to-go.
+    returns, _ = gae(rewards, jnp.zeros_like(rewards), response_mask, gamma, 1.0)
+    return masked_whiten(returns, response_mask, eps=eps)
+
+
+def groups_without_signal(rewards: jax.Array, num_generations: int,
+                          atol: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """The groups whose G rewards are all equal (within `atol`): their group-relative advantage
+    is 0, so they only dilute the batch. DAPO's dynamic sampling drops them (here without
+    refilling the batch: the caller ANDs `keep` into the response mask).
+
+    rewards: `[num_prompts * G]` float, prompt-major. num_generations: G. atol: max - min at or
+    below which a group counts as equal.
+    Returns (fraction: float32 scalar, the fraction of groups without signal; keep:
+    `[num_prompts * G]` bool, false on every row of such a group).
+    """
+    no_signal = _no_signal(_groups("groups_without_signal", rewards, num_generations, None), atol)
+    return jnp.mean(no_signal.astype(jnp.float32)), jnp.repeat(~no_signal, num_generations)
+
+
+def kl_loss(logps: jax.Array, ref_logps: jax.Array, mask: jax.Array, coef: float | jax.Array,
+            kind: KLKind = "k3", aggregation: Aggregation = "token_mean",
+            norm_length: int | None = None) -> jax.Array:
+    """KL(pi || pi_ref) as a loss term (GRPO), instead of a penalty inside the reward.
+
+    logps: `[batch, length]` float, log-probs of the sampled tokens under the policy
+    (differentiated). ref_logps: `[batch, length]` float, the same under the reference.
+    mask: `[batch, length]` bool. coef: the coefficient (0 allowed: the term is 0).
+    kind: the estimator (`kl_penalty`); GRPO uses "k3". aggregation, norm_length: as
+    `aggregate_loss`. Returns a float32 scalar, coef * the aggregated masked estimate.
+    """
+    _check_shapes("kl_loss", logps, ref_logps, mask)
+    mask = _bool(mask)
+    # Zeroed before the estimator: its exp would turn padding garbage into a NaN gradient.
+    kl = kl_penalty(_masked(_f32(logps), mask), _masked(_f32(ref_logps), mask), kind)
+    return coef * aggregate_loss(kl, mask, aggregation, norm_length)
+
+
+def overlong_penalty(lengths: jax.Array, max_length: int, cache_length: int) -> jax.Array:
+    """DAPO's soft overlong punishment, added to the sequence reward.
+
+    For a response of L tokens: 0 if L <= max_length - cache_length; a linear ramp
+    (max_length - cache_length - L) / cache_length from 0 to -1 inside the buffer
+    (max_length - cache_length < L <= max_length); -1 beyond max_length.
+    lengths: `[batch]` int or float, response lengths in tokens. max_length: L_max.
+    cache_length: L_cache, the buffer, in (0, max_length].
+    Returns `[batch]` float32.
+    """
+    if not 0 < cache_length <= max_length:
+        raise ValueError(f"overlong_penalty: cache_length={cache_length} must be in "
+                         f"(0, max_length={max_length}]: the penalty ramps from 0 to -1 over "
+                         "the last cache_length tokens before max_length")
+    lengths = _f32(lengths)
+    start = max_length - cache_length
+    ramp = jnp.where(lengths <= start, 0.0, (start - lengths) / cache_length)
+    return jnp.where(lengths > max_length, -1.0, ramp)
 
 
 # ---------------------------------------------------------------------------------------------

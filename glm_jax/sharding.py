@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -206,3 +207,46 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
                                    process_id=process_id)
     elif _launched_as_several_processes():
         jax.distributed.initialize()
+
+# --- batch placement: host rows -> global arrays over the data-parallel axes, and back ------
+
+Batch = Mapping[str, np.ndarray]
+
+
+def batch_sharding(mesh: Mesh, batch: Batch, num_processes: int = 1
+                   ) -> dict[str, NamedSharding]:
+    """Rows of every batch array split over the data-parallel mesh axes. With
+    `num_processes`, `batch` holds one process's rows of a global batch that many times
+    larger."""
+    return {key: NamedSharding(mesh, logical_to_spec(
+                ("batch",) + (None,) * (value.ndim - 1),
+                (value.shape[0] * num_processes, *value.shape[1:]), mesh))
+            for key, value in batch.items()}
+
+
+def to_device(batch: Batch, shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+    """A global array per key from this process's rows (one process: all rows)."""
+    count = jax.process_count()
+    return {key: jax.make_array_from_process_local_data(
+                shardings[key], np.asarray(value),
+                (np.shape(value)[0] * count, *np.shape(value)[1:]))
+            for key, value in batch.items() if key in shardings}
+
+
+def global_to_device(batch: Batch, shardings: Mapping[str, NamedSharding]
+                     ) -> dict[str, jax.Array]:
+    """A global array per key from a batch every process holds whole (evaluation and sampling
+    loops over a file every process reads): each device takes its own slice."""
+    return {key: jax.make_array_from_callback(np.shape(value), shardings[key],
+                                              lambda index, value=value: np.asarray(value)[index])
+            for key, value in batch.items() if key in shardings}
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of (possibly multi-process) global arrays, whole on every process."""
+    def fetch(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(fetch, tree)

@@ -7,9 +7,19 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import json  # noqa: E402
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from glm_jax.config import default_config  # noqa: E402
+from glm_jax.data import PreferencePair, SFTExample, write_jsonl  # noqa: E402
+from glm_jax.sharding import make_mesh  # noqa: E402
+from glm_jax.train.state import TrainState  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests compile the same programs (the same tiny model and shapes) inside fresh jitted
@@ -83,3 +93,109 @@ def hf_logits(model, input_ids, attention_mask=None):
         ids = torch.tensor(np.asarray(input_ids))
         mask = None if attention_mask is None else torch.tensor(np.asarray(attention_mask))
         return model(ids, attention_mask=mask).logits.numpy()
+
+
+# --- data, configs and toy programs shared by the training tests ---------------------------
+
+GOOD = ["great", "correct", "helpful", "clear", "kind", "right"]
+BAD = ["wrong", "rude", "vague", "broken", "false", "lazy"]
+TAUGHT = [SFTExample(prompt=f"name {i}", response=word)
+          for i, word in enumerate(["apple", "river", "stone", "cloud", "maple", "tiger",
+                                    "ocean", "lemon"])]
+LIMITS = dict(max_prompt_tokens=16, max_response_tokens=24)  # DPO's prompt / response tokens
+
+
+def separable_pairs(n, seed):
+    """The chosen response uses 'good' words, the rejected one 'bad' words, lengths alike."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        length = rng.randint(2, 6)
+        pairs.append(PreferencePair(
+            prompt=f"question {rng.randint(0, 99)}",
+            chosen=" ".join(rng.choice(GOOD) for _ in range(length)),
+            rejected=" ".join(rng.choice(BAD) for _ in range(length + rng.randint(-1, 1))),
+            task=["alpha", "beta"][i % 2]))
+    return pairs
+
+
+def tiny_sft_config(tmp_path, **sft):
+    """The schema's defaults (not the pipeline's tuned configs/tiny.py), SFT on TAUGHT."""
+    config = default_config()
+    write_jsonl(tmp_path / "sft.jsonl", TAUGHT)
+    config.sft.train_file = config.sft.eval_file = str(tmp_path / "sft.jsonl")
+    config.data.max_prompt_tokens, config.data.max_response_tokens = 16, 8
+    config.sft.update(batch_size=8, **sft)
+    return config
+
+
+def tiny_rm_config(tmp_path, **rm):
+    """The schema's defaults, a reward model on separable pairs."""
+    config = default_config()
+    write_jsonl(tmp_path / "train.jsonl", separable_pairs(256, seed=0))
+    write_jsonl(tmp_path / "test.jsonl", separable_pairs(64, seed=1))
+    config.rm.train_file = str(tmp_path / "train.jsonl")
+    config.rm.eval_file = str(tmp_path / "test.jsonl")
+    config.data.max_prompt_tokens = 16
+    config.data.max_response_tokens = 24
+    config.rm.update(rm)
+    return config
+
+
+def dpo_config(tmp_path, **dpo):
+    config = tiny_sft_config(tmp_path)
+    write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(128, seed=0))
+    write_jsonl(tmp_path / "test.jsonl", separable_pairs(32, seed=1))
+    config.dpo.train_file = str(tmp_path / "pairs.jsonl")
+    config.dpo.eval_file = str(tmp_path / "test.jsonl")
+    config.data.max_prompt_tokens = LIMITS["max_prompt_tokens"]
+    config.data.max_response_tokens = LIMITS["max_response_tokens"]
+    config.dpo.update({"batch_size": 16, **dpo})
+    return config
+
+
+def ppo_config(**ppo):
+    config = tiny_sft_config(Path(tempfile.mkdtemp()))
+    config.ppo.update({"batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, **ppo})
+    return config
+
+
+def single_device():
+    return make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+def loss_fn(params, batch):
+    """A toy training loss for the loop's tests: one parameter vector, batches of `x`."""
+    return jnp.mean((params["w"] * batch["x"] - 1.0) ** 2), {}
+
+
+def initial_state(tx):
+    params = {"w": jnp.full((4,), 0.5, jnp.float32)}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+class Batches:
+    """x = 1 for the first `good` steps, then NaN; resumable by position."""
+
+    def __init__(self, good):
+        self.good, self.position = good, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        value = 1.0 if self.position < self.good else np.nan
+        self.position += 1
+        return {"x": np.full((2, 4), value, np.float32)}
+
+    def get_state(self):
+        return {"position": self.position}
+
+    def set_state(self, state):
+        self.position = state["position"]
+
+
+def recorded_losses(workdir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every line of workdir/metrics.jsonl with a loss."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]

@@ -10,9 +10,8 @@ import stat
 
 import numpy as np
 import pytest
+from conftest import recorded_losses, tiny_rm_config
 from flax import nnx
-from test_resume import losses
-from test_train_reward import tiny_rm_config
 
 from glm_jax.data import Tokenizer
 from glm_jax.models.heads import GlmForCausalLM
@@ -87,7 +86,7 @@ def test_on_damaged_previous_resumes_from_the_intact_step_and_keeps_the_damaged_
     steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert steps == ["2", "4", "4.damaged"]
     # Steps 3-4 were trained again from step 2, exactly as the first time.
-    assert losses(workdir) == losses(finished[1])
+    assert recorded_losses(workdir) == recorded_losses(finished[1])
 
 
 def test_num_steps_already_reached_says_so_and_rewrites_nothing(run, capsys):
@@ -112,7 +111,7 @@ def test_a_fresh_start_moves_the_earlier_metrics_aside(run, capsys):
     train_reward_model(config, workdir)
     assert "moved it aside to metrics.1.jsonl and tensorboard.1/" in capsys.readouterr().out
     assert (workdir / "metrics.1.jsonl").read_text() == first
-    assert [s for s, _ in losses(workdir)] == [1, 2]
+    assert [s for s, _ in recorded_losses(workdir)] == [1, 2]
     assert any((workdir / "tensorboard.1").iterdir())
     second = (workdir / "metrics.jsonl").read_text()
     shutil.rmtree(workdir / "checkpoints")
@@ -128,7 +127,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(run, capsys):
     config.rm.num_steps = 5
     train_reward_model(config, workdir)
     assert "dropped the last line, cut short" in capsys.readouterr().out
-    assert [s for s, _ in losses(workdir)] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in recorded_losses(workdir)] == [1, 2, 3, 4, 5]
 
 
 def test_a_full_disk_at_restart_names_the_file_and_truncates_nothing(run, monkeypatch):

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_reward import tiny_rm_config
-from test_train_sft import tiny_sft_config
+from conftest import tiny_rm_config, tiny_sft_config
 from tokenizers import Tokenizer as HFTokenizer
 
 import glm_jax

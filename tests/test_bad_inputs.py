@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train_reward import tiny_rm_config
+from conftest import tiny_rm_config
 from tokenizers import Tokenizer as HFTokenizer
 
 from glm_jax.data.records import DataError

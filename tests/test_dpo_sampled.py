@@ -9,15 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import dpo_config
 from flax import nnx
-from test_train_dpo import dpo_config
 
 import glm_jax
 from glm_jax.data import GLM4_TEMPLATE, Tokenizer, write_jsonl
 from glm_jax.data.records import PromptExample, read_jsonl
 from glm_jax.models.heads import GlmRewardModel
 from glm_jax.models.tiny import tiny_config
-from glm_jax.sharding import make_mesh, shard_state
+from glm_jax.sharding import batch_sharding, make_mesh, shard_state, to_device
 from glm_jax.train.checkpoint import Checkpointer, save_model_config
 from glm_jax.train.common import save_tokenizer
 from glm_jax.train.dpo import (
@@ -28,7 +28,6 @@ from glm_jax.train.dpo import (
     select_pairs,
     train_dpo,
 )
-from glm_jax.train.loop import batch_sharding, to_device
 from glm_jax.train.prompts import PromptDataset
 from glm_jax.train.rollout import SamplingSettings, ScoredSamples, encode_prompts
 from glm_jax.train.state import init_train_state, shardings_of

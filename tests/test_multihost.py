@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ppo import ppo_config
-from test_train_reward import tiny_rm_config
+from conftest import ppo_config, tiny_rm_config
 
 from glm_jax.data import PromptExample, write_jsonl
 from glm_jax.train.ppo import train_ppo

@@ -5,41 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import Batches, initial_state, loss_fn
 
 from glm_jax.sharding import make_mesh
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.loop import make_train_step, train_loop
-from glm_jax.train.state import TrainState, make_optimizer
-
-
-def loss_fn(params, batch):
-    return jnp.mean((params["w"] * batch["x"] - 1.0) ** 2), {}
-
-
-class Batches:
-    """x = 1 for the first `good` steps, then NaN; resumable by position."""
-
-    def __init__(self, good):
-        self.good, self.position = good, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        value = 1.0 if self.position < self.good else np.nan
-        self.position += 1
-        return {"x": np.full((2, 4), value, np.float32)}
-
-    def get_state(self):
-        return {"position": self.position}
-
-    def set_state(self, state):
-        self.position = state["position"]
-
-
-def initial_state(tx):
-    params = {"w": jnp.full((4,), 0.5, jnp.float32)}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+from glm_jax.train.state import make_optimizer
 
 
 def test_nonfinite_step_leaves_the_state_unchanged():
@@ -128,16 +99,3 @@ def test_nan_parameters_stop_the_run_before_any_save(tmp_path):
     restored, _ = checkpointer.restore(initial_state(tx))
     checkpointer.close()
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(restored)))
-
-
-def test_ppo_update_with_a_nan_learning_rate_leaves_the_parameters_finite():
-    from test_ppo import ppo_config, run_iterations, single_device
-
-    config = ppo_config()
-    history, before, after, state = run_iterations(single_device(), config, 1,
-                                                   learning_rate=float("nan"))
-    settings = config.ppo
-    assert history[0]["skipped_nonfinite"] == (settings.ppo_epochs * settings.batch_size
-                                               // settings.minibatch_size)
-    for a, b in zip(jax.tree.leaves(before[:2]), jax.tree.leaves(after[:2]), strict=True):
-        np.testing.assert_array_equal(a, b)  # policy and critic untouched

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_sft_config
 from flax import nnx
-from test_train_sft import tiny_sft_config
 
 import glm_jax
 from glm_jax.data import GLM4_TEMPLATE, SFTDataset, SFTExample, Tokenizer

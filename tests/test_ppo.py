@@ -6,22 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ppo_config, single_device
 from flax import nnx
-from test_train_sft import tiny_sft_config
 
 import glm_jax
 from glm_jax.data import GLM4_TEMPLATE, PromptExample, Tokenizer
 from glm_jax.generation import GenerationOutput
-from glm_jax.losses import kl_penalty
+from glm_jax.losses import kl_penalised_token_rewards, kl_penalty
 from glm_jax.models.heads import GlmRewardModel, GlmValueModel
 from glm_jax.models.tiny import tiny_config
-from glm_jax.sharding import MeshConfig, make_mesh, shard_state
-from glm_jax.train.loop import batch_sharding, to_device
+from glm_jax.sharding import MeshConfig, batch_sharding, make_mesh, shard_state, to_device
 from glm_jax.train.ppo import (
     PPOProgram,
     PPOSettings,
     init_ppo_state,
-    token_rewards,
 )
 from glm_jax.train.rollout import SamplingSettings, encode_prompts, sequence
 from glm_jax.train.state import copy_params, make_optimizer, shardings_of
@@ -50,14 +48,6 @@ class TokenCountReward(nnx.Module):
         return self.scale[...] * jnp.sum(hits[:, self.prompt_length:], axis=1,
                                          dtype=jnp.float32)
 
-
-def ppo_config(**ppo):
-    import tempfile
-    from pathlib import Path
-
-    config = tiny_sft_config(Path(tempfile.mkdtemp()))
-    config.ppo.update({"batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, **ppo})
-    return config
 
 
 def prompts(n, seed=0):
@@ -112,15 +102,12 @@ def run_iterations(mesh, config, num, reward_model=None, fused=True, **kwargs):
     return history, before, after, state
 
 
-def single_device():
-    return make_mesh((1, 1, 1), jax.devices()[:1])
-
 
 def test_reward_sits_on_the_eos_token():
     response_mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
     kl = np.full(response_mask.shape, 0.5, np.float32)
     scores = np.array([3.0, -2.0, 7.0], np.float32)
-    rewards = np.asarray(token_rewards(scores, kl, response_mask, jnp.float32(0.1)))
+    rewards = np.asarray(kl_penalised_token_rewards(scores, kl, response_mask, jnp.float32(0.1)))
     expected = np.where(response_mask, -0.05, 0.0)
     expected[0, 2] += 3.0  # EOS at index 2
     expected[1, 4] += -2.0  # no EOS: the length limit's last token
@@ -228,7 +215,7 @@ def test_tiny_policy_raises_a_toy_reward():
 
 
 def test_train_ppo_end_to_end_with_caches_and_resume(tmp_path, capsys):
-    from test_train_reward import tiny_rm_config
+    from conftest import tiny_rm_config
 
     from glm_jax.data import SFTExample, write_jsonl
     from glm_jax.train.checkpoint import load_trained_model
@@ -308,3 +295,14 @@ def test_train_ppo_bad_config(tmp_path):
     config.ppo.update(minibatch_size=4, sft_coef=0.1)
     with pytest.raises(ValueError, match="needs config.ppo.sft_file"):
         train_ppo(config, tmp_path)
+
+
+def test_ppo_update_with_a_nan_learning_rate_leaves_the_parameters_finite():
+    config = ppo_config()
+    history, before, after, state = run_iterations(single_device(), config, 1,
+                                                   learning_rate=float("nan"))
+    settings = config.ppo
+    assert history[0]["skipped_nonfinite"] == (settings.ppo_epochs * settings.batch_size
+                                               // settings.minibatch_size)
+    for a, b in zip(jax.tree.leaves(before[:2]), jax.tree.leaves(after[:2]), strict=True):
+        np.testing.assert_array_equal(a, b)  # policy and critic untouched

@@ -15,11 +15,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import (
+    Batches,
+    dpo_config,
+    initial_state,
+    loss_fn,
+    ppo_config,
+    recorded_losses,
+    separable_pairs,
+    tiny_rm_config,
+)
 from ml_collections import ConfigDict
-from test_nonfinite import Batches, initial_state, loss_fn
-from test_ppo import ppo_config
-from test_train_dpo import dpo_config
-from test_train_reward import separable_pairs, tiny_rm_config
 
 from glm_jax.data import PromptExample, write_jsonl
 from glm_jax.sharding import make_mesh
@@ -32,10 +38,6 @@ from glm_jax.train.state import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def losses(workdir: Path) -> list[tuple[int, float]]:
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
 
 
 def straight_and_resumed(train, config: ConfigDict, section: str, workdir: Path,
@@ -50,9 +52,9 @@ def straight_and_resumed(train, config: ConfigDict, section: str, workdir: Path,
     shutil.copytree(workdir / "resumed", workdir / "half")
     config[section].num_steps = steps
     train(config, workdir / "resumed")
-    straight = losses(workdir / "straight")
+    straight = recorded_losses(workdir / "straight")
     assert [s for s, _ in straight] == list(range(1, steps + 1))
-    assert losses(workdir / "resumed") == straight  # exact float equality
+    assert recorded_losses(workdir / "resumed") == straight  # exact float equality
     return workdir / "half"
 
 
@@ -66,7 +68,7 @@ def reward_runs(tmp_path_factory):
 
 def test_reward_model_resume_is_bit_identical(reward_runs):
     _, tmp_path, _ = reward_runs
-    assert len(losses(tmp_path / "straight")) == 4
+    assert len(recorded_losses(tmp_path / "straight")) == 4
 
 
 def test_resume_onto_a_different_mesh(reward_runs):
@@ -76,7 +78,7 @@ def test_resume_onto_a_different_mesh(reward_runs):
     config.mesh.update(data=2, fsdp=2, tensor=2)
     config.rm.num_steps = 4
     train_reward_model(config, half)
-    resumed, straight = losses(half), losses(tmp_path / "straight")
+    resumed, straight = recorded_losses(half), recorded_losses(tmp_path / "straight")
     assert [s for s, _ in resumed] == [1, 2, 3, 4]
     # Another mesh reduces in another order: equal to float32 rounding, not bit for bit.
     np.testing.assert_allclose([v for _, v in resumed], [v for _, v in straight], rtol=1e-5)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train_reward import separable_pairs, tiny_rm_config
+from conftest import separable_pairs, tiny_rm_config
 
 from glm_jax.data.records import SFTExample, write_jsonl
 from glm_jax.train.reward import run_eval_cli, train_reward_model

@@ -6,19 +6,15 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import LIMITS, dpo_config, separable_pairs
 from flax import nnx
-from test_train_reward import separable_pairs
-from test_train_sft import tiny_sft_config
 
 import glm_jax
-from glm_jax.data import GLM4_TEMPLATE, PreferenceDataset, Tokenizer, write_jsonl
+from glm_jax.data import GLM4_TEMPLATE, PreferenceDataset, Tokenizer
 from glm_jax.models.tiny import tiny_config
-from glm_jax.sharding import MeshConfig, make_mesh, shard_state
+from glm_jax.sharding import MeshConfig, batch_sharding, make_mesh, shard_state, to_device
 from glm_jax.train.dpo import WithReference, make_train_step, reference_logps, train_dpo
-from glm_jax.train.loop import batch_sharding, to_device
 from glm_jax.train.state import init_train_state, make_optimizer, shardings_of
-
-LIMITS = dict(max_prompt_tokens=16, max_response_tokens=24)
 
 
 def np_sequence_logps(model, ids, mask, response_mask):
@@ -47,17 +43,6 @@ def test_reference_logps_equal_a_full_forward_pass():
                                      full[f"{name}_response_mask"])
         np.testing.assert_allclose(reference[:, column], expected, rtol=1e-5)
 
-
-def dpo_config(tmp_path, **dpo):
-    config = tiny_sft_config(tmp_path)
-    write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(128, seed=0))
-    write_jsonl(tmp_path / "test.jsonl", separable_pairs(32, seed=1))
-    config.dpo.train_file = str(tmp_path / "pairs.jsonl")
-    config.dpo.eval_file = str(tmp_path / "test.jsonl")
-    config.data.max_prompt_tokens = LIMITS["max_prompt_tokens"]
-    config.data.max_response_tokens = LIMITS["max_response_tokens"]
-    config.dpo.update({"batch_size": 16, **dpo})
-    return config
 
 
 def test_dpo_starts_at_ln2_and_learns_the_preference(tmp_path):

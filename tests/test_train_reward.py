@@ -2,52 +2,19 @@
 checkpoints that load back, and the scripts around it."""
 
 import json
-import random
 
 import jax
 import numpy as np
 import pytest
+from conftest import separable_pairs, tiny_rm_config
 from flax import nnx
 
-from glm_jax.data.records import PreferencePair, write_jsonl
 from glm_jax.data.tokenizer import GLM4_TEMPLATE, Tokenizer
 from glm_jax.models.heads import GlmRewardModel
-from glm_jax.sharding import MeshConfig, make_mesh
+from glm_jax.sharding import MeshConfig, batch_sharding, make_mesh, to_device
 from glm_jax.train.checkpoint import load_trained_model
-from glm_jax.train.loop import batch_sharding, to_device
 from glm_jax.train.reward import make_train_step, pair_rewards, train_reward_model
 from glm_jax.train.state import init_train_state, make_optimizer, shardings_of
-
-GOOD = ["great", "correct", "helpful", "clear", "kind", "right"]
-BAD = ["wrong", "rude", "vague", "broken", "false", "lazy"]
-
-
-def separable_pairs(n, seed):
-    """The chosen response uses 'good' words, the rejected one 'bad' words, lengths alike."""
-    rng = random.Random(seed)
-    pairs = []
-    for i in range(n):
-        length = rng.randint(2, 6)
-        pairs.append(PreferencePair(
-            prompt=f"question {rng.randint(0, 99)}",
-            chosen=" ".join(rng.choice(GOOD) for _ in range(length)),
-            rejected=" ".join(rng.choice(BAD) for _ in range(length + rng.randint(-1, 1))),
-            task=["alpha", "beta"][i % 2]))
-    return pairs
-
-
-def tiny_rm_config(tmp_path, **rm):
-    from glm_jax.config import default_config
-
-    config = default_config()  # the schema's defaults, not the pipeline's tuned configs/tiny.py
-    write_jsonl(tmp_path / "train.jsonl", separable_pairs(256, seed=0))
-    write_jsonl(tmp_path / "test.jsonl", separable_pairs(64, seed=1))
-    config.rm.train_file = str(tmp_path / "train.jsonl")
-    config.rm.eval_file = str(tmp_path / "test.jsonl")
-    config.data.max_prompt_tokens = 16
-    config.data.max_response_tokens = 24
-    config.rm.update(rm)
-    return config
 
 
 @pytest.fixture(scope="module")

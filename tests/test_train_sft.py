@@ -7,32 +7,18 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import TAUGHT, tiny_sft_config
 from flax import nnx
 
 import glm_jax
-from glm_jax.config import default_config
-from glm_jax.data import GLM4_TEMPLATE, SFTDataset, SFTExample, Tokenizer, write_jsonl
+from glm_jax.data import GLM4_TEMPLATE, SFTDataset, Tokenizer
 from glm_jax.generation import generate_text
 from glm_jax.models.tiny import tiny_config
-from glm_jax.sharding import MeshConfig, make_mesh, shard_state
-from glm_jax.train.loop import batch_sharding, to_device
+from glm_jax.sharding import MeshConfig, batch_sharding, make_mesh, shard_state, to_device
 from glm_jax.train.sft import make_train_step, sft_batch_loss, train_sft
 from glm_jax.train.state import init_train_state, make_optimizer, shardings_of
 
 ROOT = Path(__file__).resolve().parents[1]
-TAUGHT = [SFTExample(prompt=f"name {i}", response=word)
-          for i, word in enumerate(["apple", "river", "stone", "cloud", "maple", "tiger",
-                                    "ocean", "lemon"])]
-
-
-def tiny_sft_config(tmp_path, **sft):
-    config = default_config()  # the schema's defaults, not the pipeline's tuned configs/tiny.py
-    write_jsonl(tmp_path / "sft.jsonl", TAUGHT)
-    config.sft.train_file = config.sft.eval_file = str(tmp_path / "sft.jsonl")
-    config.data.max_prompt_tokens, config.data.max_response_tokens = 16, 8
-    config.sft.update(batch_size=8, **sft)
-    return config
-
 
 def test_sft_loss_covers_only_response_targets():
     tokenizer = Tokenizer.tiny()

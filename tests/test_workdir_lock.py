@@ -21,7 +21,7 @@ with hold_workdir(sys.argv[1]):
 
 
 def test_a_second_run_is_refused_naming_the_holder_and_writes_nothing(tmp_path):
-    from test_train_reward import tiny_rm_config
+    from conftest import tiny_rm_config
 
     from glm_jax.train.reward import train_reward_model
 

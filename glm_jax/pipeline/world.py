@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from glm_jax.config import default_config
 from glm_jax.data.records import PreferencePair, PromptExample, SFTExample
 
 TASKS = ("add", "sort", "copy", "parity")
@@ -41,28 +42,28 @@ FORMAT_PROMPTS = tuple(f"reply with the word {w} only." for w in ("done", "ready
 CONCISE_SHARE = 0.2
 
 
+_DEFAULTS = default_config().pipeline  # the schema holds the world's defaults and meanings
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
-    """How the world is drawn. `p_correct`: a demonstration's content is right;
-    `p_verbose`: it carries filler. Annotators prefer A over B with probability
-    sigmoid(quality_scale * (q_A - q_B) + length_bias * (words_A - words_B)); pairs whose
-    gold qualities differ by less than `tie_margin` are marked ties with `p_tie`;
-    `p_cycle` of the prompts get three responses judged in a cycle."""
+    """How the world is drawn: config.pipeline's world fields (documented in
+    glm_jax.config.default_config, which holds their defaults) and the seed."""
 
     seed: int = 0
-    num_sft: int = 2000
-    num_capability_sft: int = 240
-    num_preference_prompts: int = 5000
-    num_test_preference_prompts: int = 300
-    num_rl_prompts: int = 512
-    num_eval_prompts_per_task: int = 48
-    p_correct: float = 0.55
-    p_verbose: float = 0.35
-    quality_scale: float = 8.0
-    length_bias: float = 1.5
-    tie_margin: float = 0.05
-    p_tie: float = 0.5
-    p_cycle: float = 0.04
+    num_sft: int = _DEFAULTS.num_sft
+    num_capability_sft: int = _DEFAULTS.num_capability_sft
+    num_preference_prompts: int = _DEFAULTS.num_preference_prompts
+    num_test_preference_prompts: int = _DEFAULTS.num_test_preference_prompts
+    num_rl_prompts: int = _DEFAULTS.num_rl_prompts
+    num_eval_prompts_per_task: int = _DEFAULTS.num_eval_prompts_per_task
+    p_correct: float = _DEFAULTS.p_correct
+    p_verbose: float = _DEFAULTS.p_verbose
+    quality_scale: float = _DEFAULTS.quality_scale
+    length_bias: float = _DEFAULTS.length_bias
+    tie_margin: float = _DEFAULTS.tie_margin
+    p_tie: float = _DEFAULTS.p_tie
+    p_cycle: float = _DEFAULTS.p_cycle
 
 
 # --- prompts and gold quality -------------------------------------------------------------

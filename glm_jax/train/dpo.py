@@ -45,6 +45,7 @@ from glm_jax.data.records import (
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
 from glm_jax.losses import dpo_loss, masked_mean, sequence_logprobs
 from glm_jax.models.heads import GlmForCausalLM
+from glm_jax.sharding import batch_sharding, global_to_device, to_host
 from glm_jax.train import loop
 from glm_jax.train.common import (
     check_tokenizer_fits,
@@ -57,7 +58,7 @@ from glm_jax.train.common import (
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.loop import batch_sharding, global_to_device, run_stage, to_host
+from glm_jax.train.loop import run_stage
 from glm_jax.train.preflight import preflight
 from glm_jax.train.programs import BoundStep
 from glm_jax.train.prompts import PromptDataset
@@ -122,24 +123,6 @@ def pair_logps(model: GlmForCausalLM, batch: Mapping[str, jax.Array]
     return logps[:size], logps[size:], chosen_nll
 
 
-def masked_dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
-                    ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array, beta: float,
-                    valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`losses.dpo_loss` averaged over the pairs where `valid` `[batch]` is true only.
-
-    A batch without a valid pair gives loss 0 and gradient 0 (never 0/0): the invalid pairs'
-    losses are dropped by `jnp.where` before the sum, so nothing of theirs reaches the value
-    or the gradient. Returns (loss: float32 scalar, implicit rewards of chosen and rejected
-    `[batch]` float32, gradient-stopped).
-    """
-    def one_pair(*logps: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return dpo_loss(*(x[None] for x in logps), beta)
-
-    losses, chosen, rejected = jax.vmap(one_pair)(policy_chosen_logps, policy_rejected_logps,
-                                                  ref_chosen_logps, ref_rejected_logps)
-    return masked_mean(losses, valid), chosen[:, 0], rejected[:, 0]
-
-
 def make_loss_fn(graphdef: nnx.GraphDef, beta: float, sft_coef: float) -> loop.LossFn:
     """`(params, batch) -> (loss, metrics)`: DPO (+ `sft_coef` * chosen NLL) on a pair batch
     carrying the reference's `ref_chosen_logps` / `ref_rejected_logps` `[batch]`; metrics are
@@ -148,7 +131,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, beta: float, sft_coef: float) -> loop.L
     def loss_fn(params: Any, batch: Mapping[str, jax.Array]):
         chosen, rejected, chosen_nll = pair_logps(nnx.merge(graphdef, params), batch)
         valid = _valid(batch)
-        dpo, chosen_r, rejected_r = masked_dpo_loss(
+        dpo, chosen_r, rejected_r = dpo_loss(
             chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta,
             valid)
         metrics = {"dpo_loss": dpo, "sft_nll": chosen_nll,

@@ -24,55 +24,15 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from glm_jax.models.convert import save_pretrained
-from glm_jax.sharding import logical_to_spec
+from glm_jax.sharding import Batch, batch_sharding, to_device, to_host
 from glm_jax.train.checkpoint import CheckpointDamaged, Checkpointer, save_model_config
 from glm_jax.train.common import is_main_process, save_config, save_tokenizer
 from glm_jax.train.metrics import MetricsWriter, recorded_metrics
 from glm_jax.train.programs import compile_step, peak_flops
 from glm_jax.train.state import TrainState
 
-Batch = Mapping[str, np.ndarray]
 _HOST_ONLY = ("task_index", "pair_index", "prompt_index", "sft_task_index")
 StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
-
-
-def batch_sharding(mesh: Mesh, batch: Batch, num_processes: int = 1
-                   ) -> dict[str, NamedSharding]:
-    """Rows of every batch array split over the data-parallel mesh axes. With
-    `num_processes`, `batch` holds one process's rows of a global batch that many times
-    larger."""
-    return {key: NamedSharding(mesh, logical_to_spec(
-                ("batch",) + (None,) * (value.ndim - 1),
-                (value.shape[0] * num_processes, *value.shape[1:]), mesh))
-            for key, value in batch.items()}
-
-
-def to_device(batch: Batch, shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
-    """A global array per key from this process's rows (one process: all rows)."""
-    count = jax.process_count()
-    return {key: jax.make_array_from_process_local_data(
-                shardings[key], np.asarray(value),
-                (np.shape(value)[0] * count, *np.shape(value)[1:]))
-            for key, value in batch.items() if key in shardings}
-
-
-def global_to_device(batch: Batch, shardings: Mapping[str, NamedSharding]
-                     ) -> dict[str, jax.Array]:
-    """A global array per key from a batch every process holds whole (evaluation and sampling
-    loops over a file every process reads): each device takes its own slice."""
-    return {key: jax.make_array_from_callback(np.shape(value), shardings[key],
-                                              lambda index, value=value: np.asarray(value)[index])
-            for key, value in batch.items() if key in shardings}
-
-
-def to_host(tree: Any) -> Any:
-    """Numpy copies of (possibly multi-process) global arrays, whole on every process."""
-    def fetch(x: Any) -> np.ndarray:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-
-    return jax.tree.map(fetch, tree)
 
 
 def resume(checkpointer: Checkpointer, state: TrainState, batches: Iterator,

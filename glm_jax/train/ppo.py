@@ -42,18 +42,19 @@ from glm_jax.data.pipeline import SFTDataset
 from glm_jax.data.records import read_jsonl
 from glm_jax.losses import (
     gae,
+    kl_penalised_token_rewards,
     kl_penalty,
     masked_mean,
     masked_var,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
+    reference_relative_reward,
 )
 from glm_jax.models.heads import (
     GlmForCausalLM,
     GlmRewardModel,
     GlmValueModel,
-    last_token_index,
 )
 from glm_jax.train.checkpoint import load_trained_model
 from glm_jax.train.common import (
@@ -220,17 +221,6 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
                                                                    1e-8)
 
 
-def token_rewards(scores: jax.Array, kl: jax.Array, response_mask: jax.Array,
-                  kl_coef: jax.Array) -> jax.Array:
-    """Per-token rewards `[B, R]`: -kl_coef * kl on every response token, plus the sequence
-    score `[B]` on the last response token (the EOS, or the length limit's last token);
-    0 on padding."""
-    last = last_token_index(response_mask)
-    on_last = jnp.arange(response_mask.shape[1])[None, :] == last[:, None]
-    rewards = -kl_coef * kl + jnp.where(on_last, scores[:, None], 0.0)
-    return jnp.where(response_mask, rewards, 0.0)
-
-
 def adaptive_kl_coef(kl_coef: jax.Array, kl: jax.Array, settings: PPOSettings) -> jax.Array:
     """Ziegler et al.'s proportional controller: move the coefficient so the mean sequence KL
     approaches kl_target (kl_target 0: fixed coefficient)."""
@@ -288,10 +278,10 @@ class PPOProgram:
 
         old_logps, ref_logps, old_values, raw_scores = _in_minibatches(
             forward, s.num_minibatches, ids, mask, tokens)
-        scores = raw_scores - ref_rewards
+        scores = reference_relative_reward(raw_scores, ref_rewards)
         scores = jnp.where(rollout.ended_with_eos, scores, scores - s.no_eos_penalty)
         kl = jnp.where(response_mask, kl_penalty(old_logps, ref_logps, s.kl_kind), 0.0)
-        rewards = token_rewards(scores, kl, response_mask, state.kl_coef)
+        rewards = kl_penalised_token_rewards(scores, kl, response_mask, state.kl_coef)
         if s.whiten_rewards:
             # Rescale only: a shifted reward would change which responses are "good".
             rewards = masked_whiten(rewards, response_mask, shift_mean=False)

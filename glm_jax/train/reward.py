@@ -28,6 +28,7 @@ from glm_jax.data.pipeline import PreferenceDataset, pad_batch, tokenize_record
 from glm_jax.data.records import PreferencePair, SFTExample, read_jsonl
 from glm_jax.losses import reward_model_loss
 from glm_jax.models.heads import GlmRewardModel
+from glm_jax.sharding import batch_sharding, global_to_device, to_host
 from glm_jax.train import loop
 from glm_jax.train.common import (
     check_tokenizer_fits,
@@ -36,7 +37,7 @@ from glm_jax.train.common import (
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.loop import batch_sharding, global_to_device, run_stage, to_host
+from glm_jax.train.loop import run_stage
 from glm_jax.train.preflight import preflight
 from glm_jax.train.state import (
     TrainState,

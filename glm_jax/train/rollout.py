@@ -26,7 +26,8 @@ from glm_jax.data.records import PromptExample
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
 from glm_jax.generation import GenerationOutput, sample
 from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
-from glm_jax.train.loop import Preemption, batch_sharding, global_to_device, to_host
+from glm_jax.sharding import batch_sharding, global_to_device, to_host
+from glm_jax.train.loop import Preemption
 
 
 @dataclass(frozen=True)

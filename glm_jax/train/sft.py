@@ -27,6 +27,7 @@ from glm_jax.data.pipeline import PackedSFTDataset, SFTDataset, pad_batch
 from glm_jax.data.records import SFTExample, read_jsonl
 from glm_jax.losses import masked_mean
 from glm_jax.models.heads import GlmForCausalLM
+from glm_jax.sharding import batch_sharding, global_to_device
 from glm_jax.train import loop
 from glm_jax.train.common import (
     check_tokenizer_fits,
@@ -35,7 +36,7 @@ from glm_jax.train.common import (
     template_from_config,
     tokenizer_from_config,
 )
-from glm_jax.train.loop import batch_sharding, global_to_device, run_stage
+from glm_jax.train.loop import run_stage
 from glm_jax.train.preflight import preflight
 from glm_jax.train.state import (
     TrainState,
