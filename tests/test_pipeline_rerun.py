@@ -16,6 +16,7 @@ from glm_jax.pipeline.run import (
     SETTINGS_FILE,
     Pipeline,
     SettingsChanged,
+    derive,
     run_pipeline,
     stage_settings,
 )
@@ -44,14 +45,7 @@ def instant(monkeypatch):
 
 
 def config_with(**updates):
-    config = load_config("tiny.py")
-    for path, value in updates.items():
-        *sections, field = path.split(".")
-        target = config
-        for section in sections:
-            target = target[section]
-        target[field] = value
-    return config
+    return derive(load_config("tiny.py"), **updates)
 
 
 def snapshot(workdir):
