@@ -34,7 +34,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from glm_jax.config import validate_config
-from glm_jax.data.pipeline import PreferenceDataset
+from glm_jax.data.pipeline import PreferenceDataset, pad_batch
 from glm_jax.data.records import (
     PreferencePair,
     PromptExample,
@@ -172,9 +172,8 @@ def reference_logps(graphdef: nnx.GraphDef, params: Any, dataset: PreferenceData
     shardings = None
     for batch in tqdm(dataset, desc="reference log-probs", unit="batch", leave=False):
         size = len(batch["pair_index"])
-        padded = {k: np.concatenate([batch[k], np.repeat(batch[k][:1], batch_size - size,
-                                                         axis=0)])
-                  for k in _PAIR_KEYS}
+        padded = pad_batch({k: batch[k] for k in _PAIR_KEYS}, batch_size)
+        del padded["valid"]  # the rows past `size` are dropped below
         shardings = shardings or batch_sharding(mesh, padded)
         with jax.set_mesh(mesh):
             chosen, rejected = to_host(_pair_logps_jit(graphdef, params,
