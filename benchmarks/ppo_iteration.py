@@ -8,8 +8,8 @@ padding, and an EOS id the vocabulary never produces, so every response has exac
 `--response-length` tokens and every iteration does the same work. One run; the ratios are
 what to compare (absolute figures depend on the machine and its load, which is printed).
 
-  fused         `PPOProgram.jit_iteration`: the whole iteration as one program, state donated.
-  step-by-step  `PPOProgram.step_by_step`: rollout, scoring and update as three programs with
+  fused         `RLProgram.jit_iteration`: the whole iteration as one program, state donated.
+  step-by-step  `RLProgram.step_by_step`: rollout, scoring and update as three programs with
                 the rollout and the experience fetched to the host in between. Each phase is
                 also timed on its own (jitted separately, on device arrays, blocked on its
                 outputs), and so are the two host fetches; "share" is each part's fraction
@@ -41,23 +41,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-import glm_jax
-from glm_jax.models.heads import GlmRewardModel, GlmValueModel
 from glm_jax.models.tiny import tiny_config
 from glm_jax.sharding import (
     MeshConfig,
     batch_sharding,
     check_model_fits_mesh,
     make_mesh,
-    shard_state,
     to_device,
 )
-from glm_jax.train.ppo import PPOProgram, PPOSettings, init_ppo_state
-from glm_jax.train.programs import parameter_counts, ppo_iteration_flops
+from glm_jax.train.programs import parameter_counts, rl_iteration_flops
+from glm_jax.train.rl import RLSettings, make_rl, required_roles
+from glm_jax.train.roles import random_roles
 from glm_jax.train.rollout import SamplingSettings
-from glm_jax.train.state import copy_params, make_optimizer, shardings_of
+from glm_jax.train.state import make_optimizer, shardings_of
 
 
 def parse_args() -> argparse.Namespace:
@@ -114,33 +111,21 @@ def build(args: argparse.Namespace, mesh):
                          scan_layers=args.scan_layers)
     check_model_fits_mesh(config, mesh)
 
-    def sharded(cls, seed):
-        graphdef, state = nnx.split(cls(config, rngs=nnx.Rngs(seed)))
-        return nnx.merge(graphdef, shard_state(state, mesh))
-
-    policy, critic = sharded(glm_jax.GlmForCausalLM, 0), sharded(GlmValueModel, 1)
-    reward_model = sharded(GlmRewardModel, 2)
-    settings = PPOSettings(
-        seed=0, batch_size=args.batch, minibatch_size=args.minibatch, ppo_epochs=args.epochs,
-        clip_ratio=0.2, clip_value=0.2, value_coef=1.0, gamma=1.0, lam=0.95, kl_kind="k1",
-        kl_target=0.0, kl_horizon=10000, whiten_rewards=False, whiten_advantages=True,
-        sft_coef=0.0, sft_batch_size=1, no_eos_penalty=0.0)
-    tx, _ = make_optimizer(learning_rate=1e-5, num_steps=1000)
-    critic_tx, _ = make_optimizer(learning_rate=1e-5, num_steps=1000)
-    with jax.set_mesh(mesh):
-        policy_graphdef, critic_graphdef, state = init_ppo_state(policy, critic, tx, critic_tx,
-                                                                 0.05)
-        ref_params = copy_params(state.params)
-    reward_graphdef, reward_params = nnx.split(reward_model)
+    settings = RLSettings(
+        seed=0, algorithm="ppo", batch_size=args.batch, minibatch_size=args.minibatch,
+        ppo_epochs=args.epochs, kl_coef=0.05)
+    roles = random_roles(config, mesh, reward=True, **required_roles(settings))
+    optimizer = make_optimizer(learning_rate=1e-5, num_steps=1000)
     # An EOS id outside the vocabulary: `sample` stops a row on `jnp.isin(token, eos)`, which
     # a sampled id in [0, vocab) never satisfies, so no row ends early and the while_loop
     # always runs the full R steps.
     sampling = SamplingSettings(max_new_tokens=args.response_length,
                                 eos_token_ids=(args.vocab + 1,), pad_token_id=0,
                                 temperature=1.0)
-    program = PPOProgram(policy_graphdef, critic_graphdef, reward_graphdef, sampling, settings,
-                         tx, critic_tx)
-    return config, program, state, ref_params, reward_params
+    with jax.set_mesh(mesh):
+        program, state, frozen = make_rl(settings, roles, sampling,
+                                         {"policy": optimizer, "critic": optimizer})
+    return config, program, state, frozen
 
 
 def main() -> None:
@@ -149,10 +134,10 @@ def main() -> None:
         jax.config.update("jax_num_cpu_devices", args.devices)  # before the backend starts
     load_before = os.getloadavg()
     mesh = make_mesh(MeshConfig(), jax.devices()[:args.devices])
-    config, program, state, ref_params, reward_params = build(args, mesh)
+    config, program, state, frozen = build(args, mesh)
     counts = {name: parameter_counts(params) for name, params in (
-        ("policy", state.params), ("critic", state.critic_params), ("reward", reward_params))}
-    flops = ppo_iteration_flops(config, counts["policy"], counts["critic"], counts["reward"],
+        ("policy", state.params), ("critic", state.critic_params), ("reward", frozen["reward"]))}
+    flops = rl_iteration_flops(config, counts["policy"], counts["critic"], counts["reward"],
                                 batch=args.batch, prompt_length=args.prompt_length,
                                 response_length=args.response_length, epochs=args.epochs)
 
@@ -186,22 +171,19 @@ def main() -> None:
         # depend on the weights.
         for number in range(1 + repeats):
             clock = [time.perf_counter()]
-            state, metrics = jax.block_until_ready(fused(state, ref_params, reward_params,
-                                                         batch))
+            state, metrics = jax.block_until_ready(fused(state, frozen, batch))
             clock.append(time.perf_counter())
             rollout = jax.block_until_ready(rollout_fn(state, batch))
             clock.append(time.perf_counter())
             jax.device_get(rollout)  # what step_by_step fetches between the programs
             clock.append(time.perf_counter())
-            scored = jax.block_until_ready(score_fn(state, ref_params, reward_params, rollout,
-                                                    batch["ref_reward"]))
+            scored = jax.block_until_ready(score_fn(state, frozen, rollout, batch))
             clock.append(time.perf_counter())
             jax.device_get(scored)
             clock.append(time.perf_counter())
             state, _ = jax.block_until_ready(update_fn(state, scored[0]))
             clock.append(time.perf_counter())
-            state, _ = jax.block_until_ready(step_by_step(state, ref_params, reward_params,
-                                                          batch))
+            state, _ = jax.block_until_ready(step_by_step(state, frozen, batch))
             clock.append(time.perf_counter())
             fused_s, rollout_s, fetch1, scoring_s, fetch2, update_s, split_s = np.diff(clock)
             seconds = {"fused": fused_s, "rollout": rollout_s, "scoring": scoring_s,

@@ -108,35 +108,53 @@ def default_config() -> ConfigDict:
     config.rsft = ConfigDict(dict(
         prompt_file="", reward_model="", num_samples=4, temperature=1.0, top_k=0, top_p=1.0,
         min_reward="", require_eos=True, batch_size=16))
-    # PPO (paper eq. 3-6). Four models: the policy (model.init_checkpoint, trained), the frozen
-    # reference (the same initial weights), the frozen reward model (reward_model: an RM
-    # workdir) and the critic (initialised from the reward model or the policy, trained).
-    # Each iteration samples batch_size prompts' responses, scores them, and runs ppo_epochs
-    # passes of minibatch updates, all in one compiled program.
+    # The RL stage: PPO (paper eq. 3-6) or a critic-free algorithm. algorithm: "ppo" (four
+    # models: the policy (model.init_checkpoint, trained), the frozen reference (the same
+    # initial weights), the frozen reward model (reward_model: an RM workdir) and the critic
+    # (initialised from the reward model or the policy, trained)); "grpo", "rloo" or
+    # "reinforce_pp" (no critic; see glm_jax/train/rl.py). Each iteration samples
+    # num_generations responses to each of batch_size prompts, scores them, and runs
+    # ppo_epochs passes of minibatch updates (minibatch_size sequences), all in one compiled
+    # program.
     config.ppo = ConfigDict(dict(
-        prompt_file="", reward_model="", critic_init="reward",
+        algorithm="ppo", prompt_file="", reward_model="", critic_init="reward",
         # num_steps counts iterations; fused=False runs rollout, scoring and updates as
         # separate programs with host transfers in between (for debugging).
-        num_steps=50, fused=True, batch_size=16, minibatch_size=8, ppo_epochs=2,
+        num_steps=50, fused=True, batch_size=16, num_generations=1, minibatch_size=8,
+        ppo_epochs=2,
         # Sampling of the rollouts.
         temperature=1.0, top_k=0, top_p=1.0,
         # Optimisers (AdamW, warmup + cosine over all minibatch updates).
         learning_rate=1e-4, critic_learning_rate=1e-4, warmup_steps=0, end_lr_ratio=1.0,
         weight_decay=0.0, max_grad_norm=1.0,
-        # Losses: clipped surrogate, clipped value loss, GAE.
-        clip_ratio=0.2, clip_value=0.2, value_coef=1.0, gamma=1.0, lam=0.95,
-        # KL penalty against the reference policy (eq. 4): kl_target > 0 makes the
-        # coefficient adaptive (Ziegler et al.), moving towards kl_target over kl_horizon.
-        kl_coef=0.05, kl_kind="k1", kl_target=0.0, kl_horizon=10000,
+        # The clipped surrogate keeps the ratio in [1 - clip_low, 1 + clip_high]
+        # (clip_high > clip_low: DAPO's clip-higher); loss_aggregation: "token_mean" (every
+        # token of the minibatch weighs the same, DAPO), "seq_mean_token_mean" (every
+        # sequence, GRPO) or "seq_mean_token_sum_norm" (token sums over the max response
+        # length, Dr. GRPO). PPO's clipped value loss and GAE.
+        clip_low=0.2, clip_high=0.2, loss_aggregation="token_mean", clip_value=0.2,
+        value_coef=1.0, gamma=1.0, lam=0.95,
+        # GRPO divides by its group's reward std unless scale_by_std=False (Dr. GRPO).
+        # mask_equal_groups: responses of a prompt whose num_generations rewards are all
+        # equal (no signal; their fraction is logged as equal_reward_groups) leave the loss.
+        scale_by_std=True, mask_equal_groups=False,
+        # KL against the reference policy: in the reward (eq. 4) or as a loss term (GRPO's
+        # k3); kl_in "" is the algorithm's own (loss for grpo, reward for the others).
+        # kl_target > 0 makes the coefficient adaptive (Ziegler et al.), moving towards
+        # kl_target over kl_horizon; kl_coef 0 with kl_target 0 runs no reference at all.
+        kl_coef=0.05, kl_kind="k1", kl_in="", kl_target=0.0, kl_horizon=10000,
         # Eq. 5: subtract the reward of the reference policy's response to the same prompt,
         # generated once (greedy, or sampled with the settings above) and cached in
         # reference_cache (empty: WORKDIR/reference_responses.jsonl).
         reference_reward=True, reference_greedy=True, reference_cache="",
+        # PPO's reward and advantage whitening.
         whiten_rewards=False, whiten_advantages=True,
         # Eq. 6: next-token loss on sft_file (an SFT JSONL) weighted by sft_coef.
         sft_file="", sft_coef=0.0, sft_batch_size=8,
-        # Responses that reach the length limit without EOS get no_eos_penalty subtracted.
-        no_eos_penalty=0.0,
+        # Responses that reach the length limit without EOS get no_eos_penalty subtracted;
+        # overlong_buffer > 0 adds DAPO's soft length penalty: overlong_coef times a ramp
+        # from 0 to -1 over the last overlong_buffer tokens before data.max_response_tokens.
+        no_eos_penalty=0.0, overlong_buffer=0, overlong_coef=1.0,
         # Prompt filter (paper 3.4): sample filter_samples responses per prompt and drop the
         # prompt when their reward variance is below filter_min_variance (0 samples: off).
         filter_samples=0, filter_min_variance=1e-3,
@@ -305,7 +323,7 @@ def _bucket_edges(text: str) -> bool:
 
 # The valid values of every size field: "section.field", or "*.field" for that field in every
 # section that has it (a "section.field" entry takes precedence).
-_RULES: dict[str, _Rule] = {
+_RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
     "mesh.*": _Rule(lambda v: v >= 1 or v == -1,
                     "must be >= 1, or -1 for the devices the other axes leave"),
     "model.vocab_chunk": _COUNT,
@@ -341,7 +359,16 @@ _RULES: dict[str, _Rule] = {
     "ppo.minibatch_size": _COUNT,
     "ppo.ppo_epochs": _COUNT,
     "ppo.critic_learning_rate": _NON_NEGATIVE,
-    "ppo.clip_ratio": _POSITIVE,
+    "ppo.clip_low": _Rule(lambda v: math.isfinite(v) and 0 < v < 1,
+                          "must be in (0, 1): the ratio's floor is 1 - clip_low"),
+    "ppo.clip_high": _POSITIVE,
+    "ppo.num_generations": (_COUNT, _Rule(
+        lambda v: v >= 2, "must be >= 2 with algorithm 'grpo' or 'rloo': their baseline is "
+        "the other responses to the same prompt (e.g. --config.ppo.num_generations=4)",
+        lambda section: section.algorithm in ("grpo", "rloo"))),
+    "ppo.overlong_buffer": _Rule(
+        lambda v: v >= 0, "must be >= 0 tokens (0: no overlong penalty)"),
+    "ppo.overlong_coef": _NON_NEGATIVE,
     "ppo.clip_value": _POSITIVE,
     "ppo.value_coef": _NON_NEGATIVE,
     "ppo.gamma": _UNIT,
@@ -383,11 +410,13 @@ def _choices() -> dict[str, tuple[str, ...]]:
     """The valid values of every choice field ("*.field" as in `_RULES`), read from the code
     that uses them (imported here: those modules import this one)."""
     from glm_jax.data.tokenizer import SPECIAL_TOKEN_MODES
-    from glm_jax.losses import KLKind
+    from glm_jax.losses import AGGREGATIONS, KLKind
     from glm_jax.models.attention import IMPLEMENTATIONS
     from glm_jax.models.glm import DTYPES, REMAT_POLICIES
     from glm_jax.train.common import TEMPLATES
     from glm_jax.train.dpo import MODES
+    from glm_jax.train.rl import ALGORITHMS
+    from glm_jax.train.roles import CRITIC_INITS
 
     dtypes = tuple(DTYPES)
     return {
@@ -399,7 +428,9 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "data.on_error": ("raise", "skip"), "data.special_tokens": SPECIAL_TOKEN_MODES,
         "*.best_mode": ("max", "min"),
         "dpo.mode": MODES,
-        "ppo.kl_kind": get_args(KLKind), "ppo.critic_init": ("reward", "policy"),
+        "ppo.kl_kind": get_args(KLKind), "ppo.critic_init": CRITIC_INITS,
+        "ppo.algorithm": ALGORITHMS, "ppo.kl_in": ("", "reward", "loss"),
+        "ppo.loss_aggregation": AGGREGATIONS,
     }
 
 
@@ -424,6 +455,7 @@ def _check_values(config: ConfigDict, prefix: str, choices: dict | None = None) 
         if valid is not None and value not in valid:
             shown = ", ".join(v if v else "'' (unset)" for v in valid)
             raise ValueError(f"config.{path} = {value!r}; valid values: {shown}")
-        rule = _lookup(_RULES, path)
-        if rule is not None and rule.applies(config) and not rule.ok(value):
-            raise ValueError(f"config.{path} = {value!r}: {rule.text}")
+        rules = _lookup(_RULES, path) or ()
+        for rule in rules if isinstance(rules, tuple) else (rules,):
+            if rule.applies(config) and not rule.ok(value):
+                raise ValueError(f"config.{path} = {value!r}: {rule.text}")

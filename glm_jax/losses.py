@@ -336,7 +336,7 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float,
 
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
-_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 def aggregate_loss(per_token: jax.Array, mask: jax.Array,
@@ -355,8 +355,8 @@ def aggregate_loss(per_token: jax.Array, mask: jax.Array,
     length), a positive int; None: `length`, the padded response length.
     Returns a float32 scalar; 0 when the mask selects nothing.
     """
-    if aggregation not in _AGGREGATIONS:
-        raise ValueError(f"unknown loss aggregation {aggregation!r}; valid: {_AGGREGATIONS}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; valid: {AGGREGATIONS}")
     if norm_length is not None and norm_length <= 0:
         raise ValueError(f"aggregate_loss: norm_length={norm_length} must be a positive "
                          "number of tokens (e.g. the max response length), or None")

@@ -160,6 +160,73 @@ def ppo_config(**ppo):
     return config
 
 
+RL_PROMPT_TOKENS, RL_RESPONSE_TOKENS = 16, 8
+
+
+def rl_prompts(n, seed=0):
+    """`n` short left-padded prompts `[n, RL_PROMPT_TOKENS]` (ids, mask)."""
+    from glm_jax.data import GLM4_TEMPLATE, PromptExample, Tokenizer
+    from glm_jax.train.rollout import encode_prompts
+
+    rng = np.random.RandomState(seed)
+    examples = [PromptExample(f"item {rng.randint(100)} {rng.randint(100)}") for _ in range(n)]
+    return encode_prompts(examples, Tokenizer.tiny(), GLM4_TEMPLATE, RL_PROMPT_TOKENS)
+
+
+def build_rl(mesh, config, reward_model=None, learning_rate=1e-3):
+    """(program, state, frozen) of config.ppo's algorithm over fresh tiny roles on `mesh`;
+    `reward_model` (an nnx module) replaces the random reward model."""
+    import dataclasses
+
+    from glm_jax.data import Tokenizer
+    from glm_jax.models.tiny import tiny_config
+    from glm_jax.train.rl import RLSettings, make_rl, required_roles
+    from glm_jax.train.roles import Role, random_roles
+    from glm_jax.train.rollout import SamplingSettings
+    from glm_jax.train.state import make_optimizer
+
+    settings = RLSettings.from_config(config)
+    roles = random_roles(tiny_config(), mesh, reward=reward_model is None,
+                         **required_roles(settings))
+    if reward_model is not None:
+        roles = dataclasses.replace(roles, reward=Role.of(reward_model))
+    tokenizer = Tokenizer.tiny()
+    sampling = SamplingSettings(max_new_tokens=RL_RESPONSE_TOKENS,
+                                eos_token_ids=tuple(tokenizer.eos_token_ids),
+                                pad_token_id=tokenizer.pad_token_id)
+    optimizers = {name: make_optimizer(learning_rate=learning_rate, num_steps=1000)
+                  for name in ("policy", "critic")}
+    with jax.set_mesh(mesh):
+        return make_rl(settings, roles, sampling, optimizers)
+
+
+def run_rl_iterations(mesh, config, num, reward_model=None, fused=True, **kwargs):
+    """`num` iterations on one batch of prompts: (metrics per iteration, the parameters before
+    as (policy, critic, reference, reward), the same after, final state)."""
+    from glm_jax.sharding import batch_sharding, to_device
+    from glm_jax.train.state import shardings_of
+
+    program, state, frozen = build_rl(mesh, config, reward_model, **kwargs)
+
+    def parameters(state):
+        return jax.device_get((state.params, state.critic_params, frozen.get("reference"),
+                               frozen.get("reward")))
+
+    before = parameters(state)
+    ids, mask = rl_prompts(config.ppo.batch_size)
+    batch = {"prompt_ids": ids, "prompt_mask": mask,
+             "ref_reward": np.linspace(-1, 1, len(ids)).astype(np.float32)}
+    shardings = batch_sharding(mesh, batch)
+    make = program.jit_iteration if fused else program.step_by_step
+    iteration = make(shardings_of(state), shardings)
+    history = []
+    with jax.set_mesh(mesh):
+        for _ in range(num):
+            state, metrics = iteration(state, frozen, to_device(batch, shardings))
+            history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    return history, before, parameters(state), state
+
+
 def single_device():
     return make_mesh((1, 1, 1), jax.devices()[:1])
 

@@ -6,33 +6,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ppo_config, single_device
+from conftest import (
+    RL_PROMPT_TOKENS,
+    RL_RESPONSE_TOKENS,
+    ppo_config,
+    rl_prompts,
+    run_rl_iterations,
+    single_device,
+)
 from flax import nnx
 
-import glm_jax
 from glm_jax.data import GLM4_TEMPLATE, PromptExample, Tokenizer
 from glm_jax.generation import GenerationOutput
 from glm_jax.losses import kl_penalised_token_rewards, kl_penalty
-from glm_jax.models.heads import GlmRewardModel, GlmValueModel
+from glm_jax.models.heads import GlmRewardModel
 from glm_jax.models.tiny import tiny_config
-from glm_jax.sharding import MeshConfig, batch_sharding, make_mesh, shard_state, to_device
-from glm_jax.train.ppo import (
-    PPOProgram,
-    PPOSettings,
-    init_ppo_state,
-)
-from glm_jax.train.rollout import SamplingSettings, encode_prompts, sequence
-from glm_jax.train.state import copy_params, make_optimizer, shardings_of
+from glm_jax.sharding import MeshConfig, make_mesh
+from glm_jax.train.rollout import encode_prompts, sequence
 
-PROMPT_TOKENS, RESPONSE_TOKENS = 16, 8
+PROMPT_TOKENS, RESPONSE_TOKENS = RL_PROMPT_TOKENS, RL_RESPONSE_TOKENS
 # One configuration for most tests, so its program compiles once per mesh: adaptive KL
 # (k3, always >= 0) with a target below any real KL.
 BASE = dict(kl_kind="k3", kl_coef=0.1, kl_target=1e-6, kl_horizon=10)
 TOKENIZER = Tokenizer.tiny()
-
-
-def host_metrics(metrics):
-    return {name: float(value) for name, value in jax.device_get(metrics).items()}
 
 
 class TokenCountReward(nnx.Module):
@@ -50,57 +46,8 @@ class TokenCountReward(nnx.Module):
 
 
 
-def prompts(n, seed=0):
-    rng = np.random.RandomState(seed)
-    examples = [PromptExample(f"item {rng.randint(100)} {rng.randint(100)}") for _ in range(n)]
-    return encode_prompts(examples, TOKENIZER, GLM4_TEMPLATE, PROMPT_TOKENS)
-
-
-def build(mesh, config, reward_model=None, learning_rate=1e-3):
-    """(program, state, reference params, reward params) for tiny models on `mesh`."""
-
-    def sharded(cls, seed):
-        graphdef, state = nnx.split(cls(tiny_config(), rngs=nnx.Rngs(seed)))
-        return nnx.merge(graphdef, shard_state(state, mesh))
-
-    policy, critic = sharded(glm_jax.GlmForCausalLM, 0), sharded(GlmValueModel, 1)
-    reward_model = reward_model or sharded(GlmRewardModel, 2)
-    settings = PPOSettings.from_config(config)
-    tx, _ = make_optimizer(learning_rate=learning_rate, num_steps=1000)
-    critic_tx, _ = make_optimizer(learning_rate=learning_rate, num_steps=1000)
-    with jax.set_mesh(mesh):
-        policy_graphdef, critic_graphdef, state = init_ppo_state(policy, critic, tx, critic_tx,
-                                                                 config.ppo.kl_coef)
-        ref_params = copy_params(state.params)
-    reward_graphdef, reward_params = nnx.split(reward_model)
-    sampling = SamplingSettings(max_new_tokens=RESPONSE_TOKENS,
-                                eos_token_ids=tuple(TOKENIZER.eos_token_ids),
-                                pad_token_id=TOKENIZER.pad_token_id)
-    program = PPOProgram(policy_graphdef, critic_graphdef, reward_graphdef, sampling, settings,
-                         tx, critic_tx)
-    return program, state, ref_params, reward_params
-
-
-def run_iterations(mesh, config, num, reward_model=None, fused=True, **kwargs):
-    """`num` iterations on one batch of prompts: (metrics per iteration, parameters before
-    (policy, critic, reference, reward), the same after, final state)."""
-    program, state, ref_params, reward_params = build(mesh, config, reward_model, **kwargs)
-    before = jax.device_get((state.params, state.critic_params, ref_params, reward_params))
-    ids, mask = prompts(config.ppo.batch_size)
-    batch = {"prompt_ids": ids, "prompt_mask": mask,
-             "ref_reward": np.linspace(-1, 1, len(ids)).astype(np.float32)}
-    shardings = batch_sharding(mesh, batch)
-    make = program.jit_iteration if fused else program.step_by_step
-    iteration = make(shardings_of(state), shardings)
-    history = []
-    with jax.set_mesh(mesh):
-        for _ in range(num):
-            state, metrics = iteration(state, ref_params, reward_params,
-                                       to_device(batch, shardings))
-            history.append(host_metrics(metrics))
-    after = jax.device_get((state.params, state.critic_params, ref_params, reward_params))
-    return history, before, after, state
-
+prompts = rl_prompts
+run_iterations = run_rl_iterations
 
 
 def test_reward_sits_on_the_eos_token():
@@ -289,7 +236,7 @@ def test_train_ppo_bad_config(tmp_path):
     with pytest.raises(ValueError, match="config.ppo.prompt_file is empty"):
         train_ppo(config, tmp_path)
     config.ppo.update(prompt_file="p.jsonl", reward_model="rm", minibatch_size=3)
-    with pytest.raises(ValueError, match="batch_size=8 must be a multiple of "
+    with pytest.raises(ValueError, match="= 8 sequences per iteration is not a multiple of "
                                          "config.ppo.minibatch_size=3"):
         train_ppo(config, tmp_path)
     config.ppo.update(minibatch_size=4, sft_coef=0.1)

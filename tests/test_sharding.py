@@ -131,22 +131,28 @@ def test_from_pretrained_checks_the_mesh(hf_checkpoint):
 
 @pytest.mark.parametrize("shape", [(1, 8, 1), (1, 4, 2)])
 def test_optimizer_state_is_sharded_like_the_parameters(shape):
-    from glm_jax.train.ppo import init_ppo_state
+    from glm_jax.train.rl import RLSettings, make_rl
+    from glm_jax.train.roles import Role, Roles
+    from glm_jax.train.rollout import SamplingSettings
     from glm_jax.train.state import init_train_state, make_optimizer
 
     config = GlmConfig(vocab_size=1024, hidden_size=256, intermediate_size=512,
                        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
                        head_dim=32)
     mesh = make_mesh(MeshConfig(*shape))
-    tx, _ = make_optimizer(learning_rate=1e-3, num_steps=10)
+    optimizer = make_optimizer(learning_rate=1e-3, num_steps=10)
+    tx = optimizer[0]
     with jax.set_mesh(mesh):
         model = GlmForCausalLM(config, rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(model)
         model = nnx.merge(graphdef, shard_state(params, mesh))
         _, state = init_train_state(model, tx)
         graphdef, critic_params = nnx.split(GlmValueModel(config, rngs=nnx.Rngs(1)))
-        critic = nnx.merge(graphdef, shard_state(critic_params, mesh))
-        _, _, ppo_state = init_ppo_state(model, critic, tx, tx, 0.1)
+        critic = Role(graphdef, shard_state(critic_params, mesh), config)
+        roles = Roles(Role.of(model), reference=Role.of(model), critic=critic,
+                      reward=Role.of(model))
+        _, ppo_state, _ = make_rl(RLSettings(seed=0), roles, SamplingSettings(4, (1,), 0),
+                                  {"policy": optimizer, "critic": optimizer})
     for opt_state in (state.opt_state, ppo_state.opt_state, ppo_state.critic_opt_state):
         leaves = jax.tree.leaves(opt_state)
         total = sum(leaf.nbytes for leaf in leaves)

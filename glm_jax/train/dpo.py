@@ -53,7 +53,6 @@ from glm_jax.train.common import (
     is_main_process,
     load_reward_model,
     mesh_from_config,
-    model_from_config,
     read_prompts,
     template_from_config,
     tokenizer_from_config,
@@ -63,6 +62,7 @@ from glm_jax.train.preflight import preflight
 from glm_jax.train.programs import BoundStep
 from glm_jax.train.prompts import PromptDataset
 from glm_jax.train.reward import score_responses
+from glm_jax.train.roles import roles_from_config
 from glm_jax.train.rollout import (
     SamplingSettings,
     ScoredSamples,
@@ -73,7 +73,6 @@ from glm_jax.train.rollout import (
 )
 from glm_jax.train.state import (
     TrainState,
-    copy_params,
     init_train_state,
     optimizer_from_config,
     shardings_of,
@@ -527,17 +526,17 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     # Before any weights load: the offline step (online DPO samples inside its step, a
     # program of its own, compiled at the first step).
     checked = preflight(config, "dpo", mesh, "DPO") if mode != "online" else None
-    model = model_from_config(config, "lm", mesh)
-    model_config = model.config
-    graphdef, initial_params = nnx.split(model)
+    online = mode == "online"
+    roles = roles_from_config(config, mesh, tokenizer=tokenizer, section="dpo",
+                              reference=online, reward=online)
+    model, model_config = roles.policy.module(), roles.policy.config
+    graphdef, initial_params = roles.policy.graphdef, roles.policy.params
     eval_fn = _eval_fn(config, graphdef, initial_params, eval_data, mesh)
     tx, schedule = optimizer_from_config(dpo, config.model.moment_dtype)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
-    if mode == "online":
-        reward_model = load_reward_model(dpo.reward_model, "config.dpo.reward_model",
-                                         tokenizer, mesh, frozen_overrides(config))
-        reward_graphdef, reward_params = nnx.split(reward_model)
+    if online:
+        reward_graphdef, reward_params = roles.reward.graphdef, roles.reward.params
         prompts = read_prompts(dpo.prompt_file, "config.dpo.prompt_file", data.on_error)
         prompts, ids, mask = encode_prompt_file(prompts, tokenizer, template, data,
                                                 "config.dpo.prompt_file")
@@ -545,7 +544,7 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
               f"{dpo.num_samples} responses to each of {dpo.batch_size}")
         batches = iter(PromptDataset(ids, mask, batch_size=dpo.batch_size, seed=config.seed,
                                      **process))
-        reference_params = copy_params(initial_params, config.model.frozen_dtype)
+        reference_params = roles.reference.params
         sampling = SamplingSettings.from_config(dpo, tokenizer, data.max_response_tokens)
 
         def make_step(shardings):
@@ -581,7 +580,7 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
 
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, tx)
-    del model, initial_params
+    del model, initial_params, roles
     return run_stage(config, dpo, workdir, graphdef=graphdef, state=state, make_step=make_step,
                      batches=batches, mesh=mesh, model_config=model_config, tokenizer=tokenizer,
                      desc=f"DPO ({mode})", eval_fn=eval_fn, export_hf=True,

@@ -269,16 +269,15 @@ def update_if_finite(finite: jax.Array, update: Callable[[], Any], previous: Any
 LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, state_sharding: Any, batch_sharding: Any
-                    ) -> StepFn:
-    """The jitted step every stage uses: `(state, batch) -> (state, metrics)`.
+def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule
+               ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """The update every stage makes, as a pure function `(state, batch) -> (state, metrics)`:
+    gradients of `loss_fn` `(params, batch) -> (loss, metrics)`, one optimizer step, skipped
+    when the loss, the gradients or the learning rate are not finite. The metrics add `loss`,
+    `grad_norm`, `learning_rate` and `skipped_nonfinite` to the loss function's. `state.step`
+    is the schedule's step (the count of updates)."""
 
-    loss_fn: `(params, batch) -> (loss, metrics)`; the step adds `loss`, `grad_norm` and
-    `learning_rate` to the metrics. The state's buffers are donated.
-    """
-
-    def step(state: TrainState, batch: Mapping[str, jax.Array]):
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         grad_norm = optax.tree.norm(grads)
         learning_rate = schedule(state.step)
@@ -297,7 +296,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                    "skipped_nonfinite": 1 - finite.astype(jnp.int32)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+    return step
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, state_sharding: Any, batch_sharding: Any
+                    ) -> StepFn:
+    """`train_step` jitted with explicit shardings, the state's buffers donated: the step of
+    SFT, reward-model and DPO training."""
+    return jax.jit(train_step(loss_fn, tx, schedule), in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, None), donate_argnums=0)
 
 

@@ -22,39 +22,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from glm_jax.models.convert import HEADS
-from glm_jax.models.glm import GlmConfig
-from glm_jax.sharding import check_model_fits_mesh, logical_to_spec, state_shardings
-from glm_jax.train.common import frozen_overrides, model_config_from_config
+from glm_jax.sharding import logical_to_spec
+from glm_jax.train.common import model_config_from_config
 from glm_jax.train.programs import GIB, StepCost, check_fits, device_memory_limit, step_cost
+from glm_jax.train.roles import abstract_like, abstract_role, abstract_roles
 from glm_jax.train.state import TrainState, optimizer_from_config
 
 PROGRAMS = ("sft", "rm", "dpo", "ppo")
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    """`tree` (arrays, Variables or ShapeDtypeStructs) as ShapeDtypeStructs placed by
-    `shardings` (one per Variable or leaf, as `state_shardings` gives)."""
-    def one(sharding: NamedSharding, x: Any) -> Any:
-        value = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-        return x.replace(value) if isinstance(x, nnx.Variable) else value
-
-    return jax.tree.map(one, shardings, tree)
-
-
-def abstract_model(glm_config: GlmConfig, head: str, mesh: Mesh) -> tuple[nnx.GraphDef, Any]:
-    """(graphdef, abstract parameters placed by the logical-axis rules) of the `head` model
-    of `glm_config`."""
-    check_model_fits_mesh(glm_config, mesh)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: HEADS[head](glm_config,
-                                                                   rngs=nnx.Rngs(0))))
-    return graphdef, _abstract(params, state_shardings(params, mesh))
-
-
-def abstract_opt_state(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> Any:
-    """The optimizer state `init_opt_state` creates, abstract: placed like the parameters."""
-    shapes = jax.eval_shape(tx.init, params)
-    return _abstract(shapes, state_shardings(shapes, mesh))
 
 
 def abstract_batch(mesh: Mesh, spec: dict[str, tuple[tuple[int, ...], Any]]
@@ -76,11 +50,11 @@ def _scalar(mesh: Mesh, dtype: Any) -> jax.ShapeDtypeStruct:
 def _train_state(config: ConfigDict, head: str, section: ConfigDict, mesh: Mesh
                  ) -> tuple[nnx.GraphDef, optax.GradientTransformation, optax.Schedule,
                             TrainState]:
-    graphdef, params = abstract_model(model_config_from_config(config), head, mesh)
+    role = abstract_role(model_config_from_config(config), head, mesh)
     tx, schedule = optimizer_from_config(section, config.model.moment_dtype)
-    state = TrainState(step=_scalar(mesh, jnp.int32), params=params,
-                       opt_state=abstract_opt_state(tx, params, mesh))
-    return graphdef, tx, schedule, state
+    state = TrainState(step=_scalar(mesh, jnp.int32), params=role.params,
+                       opt_state=abstract_like(jax.eval_shape(tx.init, role.params), mesh))
+    return role.graphdef, tx, schedule, state
 
 
 def _shardings(tree: Any) -> Any:
@@ -139,32 +113,33 @@ def dpo_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ..
 
 
 def ppo_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ...]]:
-    """The fused PPO iteration and its abstract (state, reference params, reward params,
-    batch): policy and critic trained, reference and reward model frozen."""
-    from glm_jax.train import ppo
+    """The fused RL iteration of config.ppo.algorithm and its abstract (state, frozen
+    parameters, batch): the policy (and PPO's critic) trained, the reference and the reward
+    model frozen."""
+    from glm_jax.train import ppo, rl
     from glm_jax.train.rollout import SamplingSettings
 
     section, data = config.ppo, config.data
-    settings = ppo.PPOSettings.from_config(config)
-    model_config = model_config_from_config(config)
-    frozen_config = model_config.replace(**frozen_overrides(config))
-    policy_graphdef, params = abstract_model(model_config, "lm", mesh)
-    critic_graphdef, critic_params = abstract_model(model_config, "value", mesh)
-    _, ref_params = abstract_model(frozen_config, "lm", mesh)
-    reward_graphdef, reward_params = abstract_model(frozen_config, "reward", mesh)
-    policy_tx, critic_tx = ppo.ppo_optimizers(config, settings)
-    state = ppo.PPOState(
-        step=_scalar(mesh, jnp.int32), params=params,
-        opt_state=abstract_opt_state(policy_tx, params, mesh), critic_params=critic_params,
-        critic_opt_state=abstract_opt_state(critic_tx, critic_params, mesh),
-        kl_coef=_scalar(mesh, jnp.float32))
+    settings = rl.RLSettings.from_config(config)
+    roles = abstract_roles(config, mesh, reward=True, **rl.required_roles(settings))
+    model_config = roles.policy.config
     sampling = SamplingSettings(max_new_tokens=data.max_response_tokens,
                                 eos_token_ids=tuple(model_config.eos_token_id),
                                 pad_token_id=model_config.pad_token_id,
                                 temperature=section.temperature,
                                 top_k=section.top_k, top_p=section.top_p)
-    program = ppo.PPOProgram(policy_graphdef, critic_graphdef, reward_graphdef, sampling,
-                             settings, policy_tx, critic_tx)
+    optimizers = ppo.rl_optimizers(config, settings)
+    program, _, frozen = rl.make_rl(settings, roles, sampling, optimizers, init_state=False)
+
+    def opt_state(name: str, params: Any) -> Any:
+        return abstract_like(jax.eval_shape(optimizers[name][0].init, params), mesh)
+
+    critic = roles.critic.params if roles.critic else None
+    state = rl.RLState(
+        step=_scalar(mesh, jnp.int32), params=roles.policy.params,
+        opt_state=opt_state("policy", roles.policy.params), critic_params=critic,
+        critic_opt_state=None if critic is None else opt_state("critic", critic),
+        kl_coef=_scalar(mesh, jnp.float32))
     size, prompt = section.batch_size, data.max_prompt_tokens
     spec = {"prompt_ids": ((size, prompt), jnp.int32),
             "prompt_mask": ((size, prompt), jnp.bool_), "ref_reward": ((size,), jnp.float32)}
@@ -176,7 +151,7 @@ def ppo_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ..
                  "sft_loss_mask": ((rows, length), jnp.bool_)}
     batch = abstract_batch(mesh, spec)
     iteration = program.jit_iteration(_shardings(state), _shardings(batch))
-    return iteration, (state, ref_params, reward_params, batch)
+    return iteration, (state, frozen, batch)
 
 
 BUILDERS = {"sft": sft_program, "rm": rm_program, "dpo": dpo_program, "ppo": ppo_program}

@@ -141,13 +141,16 @@ def parameter_counts(params: Any) -> dict[str, int]:
     return counts
 
 
-def ppo_iteration_flops(config: Any, policy: dict[str, int], critic: dict[str, int],
-                        reward: dict[str, int], *, batch: int, prompt_length: int,
-                        response_length: int, epochs: int) -> dict[str, float]:
-    """Matmul FLOPs of each phase of one PPO iteration (all devices), counted analytically:
+def rl_iteration_flops(config: Any, policy: dict[str, int], critic: dict[str, int] | None,
+                        reward: dict[str, int] | None, *, batch: int, prompt_length: int,
+                        response_length: int, epochs: int, reference: bool = True
+                        ) -> dict[str, float]:
+    """Matmul FLOPs of each phase of one RL iteration (all devices), counted analytically:
     XLA's cost analysis counts a loop body once, and the iteration is a decode while_loop
-    and a scan over minibatch updates. `policy` / `critic` / `reward` are parameter_counts;
-    `config` the policy's GlmConfig (attention shape)."""
+    and a scan over minibatch updates. `policy` / `critic` / `reward` are parameter_counts
+    (None: no such model: a critic-free algorithm, a rule reward); `reference`: whether the
+    reference policy's forward pass runs; `batch` counts sequences; `config` the policy's
+    GlmConfig (attention shape)."""
     b, r = batch, response_length
     t = prompt_length + response_length
     attention_width = config.num_attention_heads * config.head_dim
@@ -155,13 +158,13 @@ def ppo_iteration_flops(config: Any, policy: dict[str, int], critic: dict[str, i
     attention = 4 * config.num_hidden_layers * attention_width * t * (t + 1) / 2 * b
 
     def backbone(counts):  # one forward over the B x T sequence
-        return 2 * counts["rest"] * b * t + attention
+        return 0.0 if counts is None else 2 * counts["rest"] * b * t + attention
 
     lm_head = 2 * policy["lm_head"] * b * r  # logits at the R response positions
     policy_forward = backbone(policy) + lm_head
     critic_forward = backbone(critic)
     return {
         "rollout": policy_forward,  # prefill B x P + decode B x R tokens, R sampled logits
-        "scoring": 2 * policy_forward + critic_forward + backbone(reward),  # policy, ref
+        "scoring": (1 + reference) * policy_forward + critic_forward + backbone(reward),
         "update": epochs * 3 * (policy_forward + critic_forward),
     }

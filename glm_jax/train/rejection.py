@@ -29,15 +29,13 @@ from glm_jax.data.records import SFTExample, read_jsonl, write_jsonl
 from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.train.common import (
     check_tokenizer_fits,
-    frozen_overrides,
     is_main_process,
-    load_reward_model,
     mesh_from_config,
-    model_from_config,
     read_prompts,
     template_from_config,
     tokenizer_from_config,
 )
+from glm_jax.train.roles import roles_from_config
 from glm_jax.train.rollout import (
     SamplingSettings,
     ScoredSamples,
@@ -166,16 +164,15 @@ def rejection_sample(config: ConfigDict, workdir: str | Path) -> list[SFTExample
     mesh = mesh_from_config(config)
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
     check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
-    policy = model_from_config(config, "lm", mesh)
-    reward_model = load_reward_model(rsft.reward_model, "config.rsft.reward_model",
-                                     tokenizer, mesh, frozen_overrides(config))
+    roles = roles_from_config(config, mesh, tokenizer=tokenizer, section="rsft", reward=True)
+    policy, reward_model = roles.policy.module(), roles.reward.module()
     prompts, prompt_ids, prompt_mask = encode_prompt_file(prompts, tokenizer, template, data,
                                                           "config.rsft.prompt_file")
     settings = SamplingSettings.from_config(rsft, tokenizer, data.max_response_tokens)
     samples = sample_prompts(policy, reward_model, prompt_ids, prompt_mask,
                              num_samples=rsft.num_samples, batch_size=rsft.batch_size,
                              settings=settings, seed=config.seed, mesh=mesh, desc="best-of-n")
-    del policy, reward_model  # the SFT phase loads its own copy of the policy
+    del policy, reward_model, roles  # the SFT phase loads its own copy of the policy
 
     texts = samples.texts(tokenizer)
     ok = trainable(samples, texts, tokenizer)

@@ -58,6 +58,24 @@ def make_optimizer(*, learning_rate: float, num_steps: int, warmup_steps: int = 
     return optax.chain(*parts), schedule
 
 
+def per_part(txs: dict[str, optax.GradientTransformation]) -> optax.GradientTransformation:
+    """One optimizer over `{name: params}` that applies `txs[name]` to each part (PPO: the
+    policy's and the critic's, each with its own learning rate and clipping)."""
+
+    def init(params: dict[str, Any]) -> dict[str, Any]:
+        return {name: tx.init(params[name]) for name, tx in txs.items()}
+
+    def update(updates: dict[str, Any], state: dict[str, Any], params: Any = None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+        out = {name: tx.update(updates[name], state[name],
+                               None if params is None else params[name])
+               for name, tx in txs.items()}
+        return ({name: u for name, (u, _) in out.items()},
+                {name: s for name, (_, s) in out.items()})
+
+    return optax.GradientTransformation(init, update)
+
+
 def init_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
     """`tx.init(params)` placed exactly like the parameters (ZeRO-3: each moment sharded over
     fsdp and tensor as its parameter is; counts replicated). Left to the compiler, jit would
