@@ -15,12 +15,17 @@ what to compare (absolute figures depend on the machine and its load, which is p
                 outputs), and so are the two host fetches; "share" is each part's fraction
                 of their sum.
 
+  algorithms    the fused iteration of each of `--algorithms` (default ppo, grpo, rloo) on the
+                same number of sequences: PPO one response to each of `--batch` prompts, the
+                critic-free ones `--generations` responses to each of `--batch / --generations`
+                prompts (no critic to run or train; GRPO's KL is a k3 loss term).
+
 Model FLOPs count the matmuls the algorithm needs, from the parameter trees: 2 x (non-embedding
 parameters) per token through a backbone (the embedding lookup is free), 2 x (LM head) per
 token whose logits are used (the R response positions), and causal attention, 4 x layers x
 heads x head_dim x (tokens attended) per token. Rollout: B x T tokens through the policy
-(prefill P, decode R). Scoring: forward of policy, reference, critic and reward model over
-B x T tokens. Update: epochs x (policy + critic) forward + backward (3 x forward). MFU =
+(prefill P, decode R). Scoring: forward of policy, reference, critic (PPO) and reward model
+over B x T tokens. Update: epochs x (policy + critic) forward + backward (3 x forward). MFU =
 FLOPs / seconds / (best of a few jitted 2048^3 float32 matmuls).
 
     python benchmarks/ppo_iteration.py [--hidden 256 --layers 4 --batch 16 --response-length 64
@@ -77,8 +82,17 @@ def parse_args() -> argparse.Namespace:
                         help="timed iterations of each kind, after one warm-up")
     parser.add_argument("--devices", type=int, default=1,
                         help="mesh size; above 1 on CPU, asks JAX for that many CPU devices")
+    parser.add_argument("--algorithms", default="ppo,grpo,rloo",
+                        help="comma-separated algorithms whose fused iterations are compared "
+                             "(empty: none)")
+    parser.add_argument("--generations", type=int, default=4,
+                        help="responses per prompt of the critic-free algorithms")
     parser.add_argument("--json", default="", help="also write the numbers to this file")
     args = parser.parse_args()
+    args.algorithms = [a for a in args.algorithms.split(",") if a]
+    if args.batch % args.generations:
+        parser.error(f"--batch {args.batch} must be a multiple of --generations "
+                     f"{args.generations}")
     if args.batch % args.minibatch:
         parser.error(f"--batch {args.batch} must be a multiple of --minibatch {args.minibatch}")
     if args.hidden % args.heads:
@@ -103,17 +117,26 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / min(seconds_of(lambda: matmul(a, b), repeats)) / 1e9
 
 
-def build(args: argparse.Namespace, mesh):
-    config = tiny_config(vocab_size=args.vocab, hidden_size=args.hidden,
-                         intermediate_size=args.intermediate or 3 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-                         scan_layers=args.scan_layers)
-    check_model_fits_mesh(config, mesh)
+def model_config(args: argparse.Namespace):
+    return tiny_config(vocab_size=args.vocab, hidden_size=args.hidden,
+                       intermediate_size=args.intermediate or 3 * args.hidden,
+                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                       num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+                       scan_layers=args.scan_layers)
 
+
+def build(args: argparse.Namespace, mesh, algorithm: str = "ppo"):
+    """(program, state, frozen) of `algorithm` on random roles: PPO samples one response to
+    each of `--batch` prompts, the group algorithms `--generations` responses to each of
+    `--batch / --generations` prompts, so every algorithm samples and trains on the same
+    number of sequences of the same lengths."""
+    config = model_config(args)
+    check_model_fits_mesh(config, mesh)
+    group = 1 if algorithm == "ppo" else args.generations
     settings = RLSettings(
-        seed=0, algorithm="ppo", batch_size=args.batch, minibatch_size=args.minibatch,
-        ppo_epochs=args.epochs, kl_coef=0.05)
+        seed=0, algorithm=algorithm, batch_size=args.batch // group, num_generations=group,
+        minibatch_size=args.minibatch, ppo_epochs=args.epochs, kl_kind="k3", kl_coef=0.05,
+        kl_in="loss" if algorithm == "grpo" else "reward")
     roles = random_roles(config, mesh, reward=True, **required_roles(settings))
     optimizer = make_optimizer(learning_rate=1e-5, num_steps=1000)
     # An EOS id outside the vocabulary: `sample` stops a row on `jnp.isin(token, eos)`, which
@@ -123,9 +146,65 @@ def build(args: argparse.Namespace, mesh):
                                 eos_token_ids=(args.vocab + 1,), pad_token_id=0,
                                 temperature=1.0)
     with jax.set_mesh(mesh):
-        program, state, frozen = make_rl(settings, roles, sampling,
-                                         {"policy": optimizer, "critic": optimizer})
-    return config, program, state, frozen
+        return make_rl(settings, roles, sampling, {"policy": optimizer, "critic": optimizer})
+
+
+def prompt_batch(args: argparse.Namespace, prompts: int) -> dict[str, np.ndarray]:
+    rng = np.random.RandomState(0)
+    ids = rng.randint(2, args.vocab, (args.batch, args.prompt_length)).astype(np.int32)
+    return {"prompt_ids": ids[:prompts],
+            "prompt_mask": np.ones((prompts, args.prompt_length), bool),
+            "ref_reward": np.zeros(prompts, np.float32)}
+
+
+def iteration_flops(args: argparse.Namespace, state: Any, frozen: dict[str, Any]
+                    ) -> dict[str, float]:
+    return rl_iteration_flops(
+        model_config(args), parameter_counts(state.params),
+        None if state.critic_params is None else parameter_counts(state.critic_params),
+        parameter_counts(frozen["reward"]), batch=args.batch, prompt_length=args.prompt_length,
+        response_length=args.response_length, epochs=args.epochs,
+        reference="reference" in frozen)
+
+
+def compare_algorithms(args: argparse.Namespace, mesh, peak: float) -> dict[str, Any]:
+    """Seconds per fused iteration (best of `--iterations` after a warm-up) and MFU of each
+    algorithm of `--algorithms`, on the same number of sequences; rounds interleave the
+    algorithms so a change in the machine's load hits them alike."""
+    runs = {}
+    for algorithm in args.algorithms:
+        program, state, frozen = build(args, mesh, algorithm)
+        batch = prompt_batch(args, program.settings.batch_size)
+        shardings = batch_sharding(mesh, batch)
+        with jax.set_mesh(mesh):
+            step = program.jit_iteration(shardings_of(state), shardings)
+            batch = to_device(batch, shardings)
+            began = time.perf_counter()
+            state, _ = jax.block_until_ready(step(state, frozen, batch))
+        runs[algorithm] = dict(step=step, state=state, frozen=frozen, batch=batch,
+                               compile=time.perf_counter() - began, times=[],
+                               flops=sum(iteration_flops(args, state, frozen).values()))
+    for _ in range(args.iterations):
+        for run in runs.values():
+            with jax.set_mesh(mesh):
+                began = time.perf_counter()
+                run["state"], _ = jax.block_until_ready(
+                    run["step"](run["state"], run["frozen"], run["batch"]))
+            run["times"].append(time.perf_counter() - began)
+    print()
+    print("| algorithm | prompts x responses | seconds per iteration | vs ppo | GFLOP | MFU |")
+    print("|---|---|---|---|---|---|")
+    out = {}
+    for algorithm, run in runs.items():
+        seconds = min(run["times"])
+        group = 1 if algorithm == "ppo" else args.generations
+        out[algorithm] = {"seconds": seconds, "median": statistics.median(run["times"]),
+                          "compile_seconds": run["compile"], "gflop": run["flops"] / 1e9,
+                          "mfu": run["flops"] / seconds / 1e9 / peak}
+        ratio = seconds / min(runs["ppo"]["times"]) if "ppo" in runs else float("nan")
+        print(f"| {algorithm} | {args.batch // group} x {group} | {seconds:.3f} | "
+              f"{ratio:.2f}x | {run['flops'] / 1e9:.1f} | {out[algorithm]['mfu']:.1%} |")
+    return out
 
 
 def main() -> None:
@@ -134,20 +213,12 @@ def main() -> None:
         jax.config.update("jax_num_cpu_devices", args.devices)  # before the backend starts
     load_before = os.getloadavg()
     mesh = make_mesh(MeshConfig(), jax.devices()[:args.devices])
-    config, program, state, frozen = build(args, mesh)
+    config = model_config(args)
+    program, state, frozen = build(args, mesh)
     counts = {name: parameter_counts(params) for name, params in (
         ("policy", state.params), ("critic", state.critic_params), ("reward", frozen["reward"]))}
-    flops = rl_iteration_flops(config, counts["policy"], counts["critic"], counts["reward"],
-                                batch=args.batch, prompt_length=args.prompt_length,
-                                response_length=args.response_length, epochs=args.epochs)
-
-    rng = np.random.RandomState(0)
-    host_batch = {
-        "prompt_ids": rng.randint(2, args.vocab, (args.batch, args.prompt_length)
-                                  ).astype(np.int32),
-        "prompt_mask": np.ones((args.batch, args.prompt_length), bool),
-        "ref_reward": np.zeros(args.batch, np.float32),
-    }
+    flops = iteration_flops(args, state, frozen)
+    host_batch = prompt_batch(args, args.batch)
     shardings = batch_sharding(mesh, host_batch)
     batch = to_device(host_batch, shardings)
     state_sharding = shardings_of(state)
@@ -248,8 +319,11 @@ def main() -> None:
           f"{best['fused']:.3f} s, step-by-step {best['step_by_step']:.3f} s per iteration; "
           f"its parts timed on their own sum to {parts:.3f} s, the base of 'share')")
 
+    algorithms = compare_algorithms(args, mesh, peak) if args.algorithms else {}
+
     if args.json:
         report = {
+            "algorithms": algorithms,
             "args": vars(args),
             "machine": {"processor": platform.processor() or platform.machine(),
                         "cpu_count": os.cpu_count(), "jax": jax.__version__,

@@ -118,6 +118,10 @@ def default_config() -> ConfigDict:
     # program.
     config.ppo = ConfigDict(dict(
         algorithm="ppo", prompt_file="", reward_model="", critic_init="reward",
+        # reward_rule: a rule reward (glm_jax.rewards: a registered name such as
+        # "world_gold", or "module.path:function") computed on the host between the rollout
+        # and the update programs, instead of the reward model (then reward_model is unused).
+        reward_rule="",
         # num_steps counts iterations; fused=False runs rollout, scoring and updates as
         # separate programs with host transfers in between (for debugging).
         num_steps=50, fused=True, batch_size=16, num_generations=1, minibatch_size=8,

@@ -15,6 +15,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from glm_jax.config import default_config  # noqa: E402
 from glm_jax.data import PreferencePair, SFTExample, write_jsonl  # noqa: E402
@@ -171,6 +172,20 @@ def rl_prompts(n, seed=0):
     rng = np.random.RandomState(seed)
     examples = [PromptExample(f"item {rng.randint(100)} {rng.randint(100)}") for _ in range(n)]
     return encode_prompts(examples, Tokenizer.tiny(), GLM4_TEMPLATE, RL_PROMPT_TOKENS)
+
+
+class TokenCountReward(nnx.Module):
+    """A toy reward model: how many response tokens (the tokens after the first
+    `prompt_length`, inside the mask) have ids in [low, high)."""
+
+    def __init__(self, low: int, high: int, prompt_length: int):
+        self.low, self.high, self.prompt_length = low, high, prompt_length
+        self.scale = nnx.Param(jnp.ones(()))
+
+    def __call__(self, ids, mask):
+        hits = (ids >= self.low) & (ids < self.high) & mask
+        return self.scale[...] * jnp.sum(hits[:, self.prompt_length:], axis=1,
+                                         dtype=jnp.float32)
 
 
 def build_rl(mesh, config, reward_model=None, learning_rate=1e-3):

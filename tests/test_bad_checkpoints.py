@@ -16,9 +16,9 @@ from flax import nnx
 from glm_jax.data import Tokenizer
 from glm_jax.models.heads import GlmForCausalLM
 from glm_jax.models.tiny import tiny_config
+from glm_jax.train.cache import cached_jsonl
 from glm_jax.train.checkpoint import CheckpointDamaged
 from glm_jax.train.loop import export
-from glm_jax.train.prompts import cached_jsonl
 from glm_jax.train.reward import train_reward_model
 from glm_jax.train.state import TrainState
 from glm_jax.train.workdir import write_file

@@ -14,7 +14,7 @@ from flax import nnx
 
 import glm_jax
 from glm_jax.data import GLM4_TEMPLATE, SFTDataset, SFTExample, Tokenizer
-from glm_jax.data.pipeline import PackedSFTDataset, pack_greedy
+from glm_jax.data.datasets import PackedSFTDataset, pack_greedy
 from glm_jax.models import glm as glm_module
 from glm_jax.models.glm import KVCache, apply_rotary, positions_from_segments
 from glm_jax.models.tiny import tiny_config

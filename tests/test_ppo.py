@@ -9,6 +9,7 @@ import pytest
 from conftest import (
     RL_PROMPT_TOKENS,
     RL_RESPONSE_TOKENS,
+    TokenCountReward,
     ppo_config,
     rl_prompts,
     run_rl_iterations,
@@ -29,21 +30,6 @@ PROMPT_TOKENS, RESPONSE_TOKENS = RL_PROMPT_TOKENS, RL_RESPONSE_TOKENS
 # (k3, always >= 0) with a target below any real KL.
 BASE = dict(kl_kind="k3", kl_coef=0.1, kl_target=1e-6, kl_horizon=10)
 TOKENIZER = Tokenizer.tiny()
-
-
-class TokenCountReward(nnx.Module):
-    """A toy reward model: how many response tokens (the tokens after the first
-    `prompt_length`, inside the mask) have ids in [low, high)."""
-
-    def __init__(self, low: int, high: int, prompt_length: int):
-        self.low, self.high, self.prompt_length = low, high, prompt_length
-        self.scale = nnx.Param(jnp.ones(()))
-
-    def __call__(self, ids, mask):
-        hits = (ids >= self.low) & (ids < self.high) & mask
-        return self.scale[...] * jnp.sum(hits[:, self.prompt_length:], axis=1,
-                                         dtype=jnp.float32)
-
 
 
 prompts = rl_prompts

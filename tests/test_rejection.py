@@ -253,7 +253,8 @@ def test_a_rerun_reuses_the_winners(run, monkeypatch):
     assert (workdir / WINNERS_FILE).read_text() == written
     changed = config.copy_and_resolve_references()
     changed.rsft.num_samples = 8
-    with pytest.raises(ValueError, match="rsft.num_samples changed"):
+    with pytest.raises(ValueError, match=r"was built with other settings \(differing: "
+                                         r"rsft.num_samples;"):
         rejection_sample(changed, workdir)
 
 

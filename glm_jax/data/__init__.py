@@ -9,7 +9,7 @@ from glm_jax.data.cleaning import (
     preference_stats,
     tokenizer_length,
 )
-from glm_jax.data.pipeline import (
+from glm_jax.data.datasets import (
     PreferenceDataset,
     SFTDataset,
     TokenizationReport,

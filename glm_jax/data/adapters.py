@@ -17,7 +17,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from glm_jax.data.pipeline import Truncation, tokenize_record
+from glm_jax.data.datasets import Truncation, tokenize_record
 from glm_jax.data.records import read_jsonl
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
 

@@ -104,6 +104,12 @@ class ReadReport:
     first_skipped_lines: list[int]
     first_error: str | None
 
+    def print_skipped(self, path: str | os.PathLike) -> None:
+        """Says how many bad lines of `path` were skipped, if any (with ``on_error="skip"``)."""
+        if self.num_skipped:
+            print(f"{path}: skipped {self.num_skipped} bad lines "
+                  f"(first: {self.first_skipped_lines})")
+
 
 # kind -> (record class, required text fields, optional text fields, non-empty text fields)
 _SCHEMAS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
@@ -229,6 +235,19 @@ def read_jsonl(
         raise DataError(f"{field} = {str(path)!r} has no records{detail}; point it at a "
                         f"JSONL file with one {kind} record per line")
     return records, report
+
+
+def parse_records(objects: Iterable[Any], kind: RecordKind) -> list[Record]:
+    """``kind`` records from JSON objects already in memory (e.g. a workdir's cached records),
+    validated as ``read_jsonl`` validates a line; unknown fields are ignored. A bad object
+    raises ``DataError`` naming its index."""
+    records = []
+    for index, obj in enumerate(objects):
+        try:
+            records.append(_parse_record(obj, kind))
+        except _FieldError as e:
+            raise DataError(f"record {index}: {e}") from None
+    return records
 
 
 def _decode_line(raw: bytes, path: str | os.PathLike, line_number: int) -> str:

@@ -178,9 +178,7 @@ def read_prompts(path: str, field: str, on_error: str = "raise") -> list[PromptE
     if not Path(path).exists():
         raise FileNotFoundError(f"{field} = {path!r} does not exist")
     prompts, report = read_jsonl(path, "prompt", on_error=on_error)
-    if report.num_skipped:
-        print(f"{path}: skipped {report.num_skipped} bad lines "
-              f"(first: {report.first_skipped_lines})")
+    report.print_skipped(path)
     if not prompts:
         raise ValueError(f"{field} = {path!r} has no prompts")
     return prompts

@@ -18,7 +18,6 @@ the policy's capabilities.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -31,26 +30,26 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
-from tqdm.auto import tqdm
 
 from glm_jax.config import validate_config
-from glm_jax.data.pipeline import PreferenceDataset, pad_batch
+from glm_jax.data.datasets import PreferenceDataset
 from glm_jax.data.records import (
     PreferencePair,
     PromptExample,
     SFTExample,
+    parse_records,
     read_jsonl,
-    write_jsonl,
 )
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
 from glm_jax.losses import dpo_loss, masked_mean, sequence_logprobs
 from glm_jax.models.heads import GlmForCausalLM
-from glm_jax.sharding import batch_sharding, global_to_device, to_host
+from glm_jax.sharding import batch_sharding
 from glm_jax.train import loop
+from glm_jax.train.batched import map_batches
+from glm_jax.train.cache import fixed_jsonl
 from glm_jax.train.common import (
     check_tokenizer_fits,
     frozen_overrides,
-    is_main_process,
     load_reward_model,
     mesh_from_config,
     read_prompts,
@@ -83,9 +82,6 @@ MODES = ("offline", "reward_pairs", "online")
 PAIRS_FILE = "reward_pairs.jsonl"
 # What the pairs in PAIRS_FILE were built from; a resumed run reuses them only if it matches.
 PAIRS_SETTINGS_FILE = "reward_pairs.settings.json"
-
-_PAIR_KEYS = ("chosen_ids", "chosen_mask", "chosen_response_mask", "rejected_ids",
-              "rejected_mask", "rejected_response_mask")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,18 +163,14 @@ def reference_logps(graphdef: nnx.GraphDef, params: Any, dataset: PreferenceData
     """`[num_pairs, 2]` float32 (chosen, rejected) sequence log-probs under `params`, from one
     in-order pass over `dataset` (shuffle=False, num_epochs=1; a short last batch is padded
     to `batch_size` so every batch runs the same compiled program)."""
+
+    def logps(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return *_pair_logps_jit(graphdef, params, batch), batch["pair_index"]
+
+    chosen, rejected, index = map_batches(logps, dataset, batch_size=batch_size, mesh=mesh,
+                                          desc="reference log-probs")
     out = np.full((num_pairs, 2), np.nan, np.float32)
-    shardings = None
-    for batch in tqdm(dataset, desc="reference log-probs", unit="batch", leave=False):
-        size = len(batch["pair_index"])
-        padded = pad_batch({k: batch[k] for k in _PAIR_KEYS}, batch_size)
-        del padded["valid"]  # the rows past `size` are dropped below
-        shardings = shardings or batch_sharding(mesh, padded)
-        with jax.set_mesh(mesh):
-            chosen, rejected = to_host(_pair_logps_jit(graphdef, params,
-                                                       global_to_device(padded, shardings)))
-        out[batch["pair_index"], 0] = chosen[:size]
-        out[batch["pair_index"], 1] = rejected[:size]
+    out[index, 0], out[index, 1] = chosen, rejected
     return out
 
 
@@ -318,21 +310,21 @@ def reward_pairs(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
     identity (special tokens are dropped, BPE can merge differently) and a response cut at the
     length limit gets an EOS, so only the re-read rewards are those of what DPO trains on.
     """
-    dpo, data = config.dpo, config.data
-    path, settings_path = workdir / PAIRS_FILE, workdir / PAIRS_SETTINGS_FILE
-    settings = _pair_settings(config)
-    if path.exists():
-        saved = json.loads(settings_path.read_text()) if settings_path.exists() else {}
-        changed = sorted(k for k in settings.keys() | saved.keys()
-                         if settings.get(k) != saved.get(k))
-        if changed:
-            raise ValueError(f"{path} was built with other settings (differing: "
-                             f"{', '.join(changed)}; see {settings_path}): use a fresh workdir, "
-                             "or delete the file to rebuild the pairs")
-        pairs, _ = read_jsonl(path, "preference")
-        print(f"{path}: reusing {len(pairs)} reward-built pairs")
-        return pairs
+    path = workdir / PAIRS_FILE
+    records = fixed_jsonl(
+        path, _pair_settings(config),
+        lambda: ([scored.to_json() for scored in
+                  _build_pairs(config, path, policy, tokenizer, template, mesh)], {}),
+        settings_path=workdir / PAIRS_SETTINGS_FILE, what="reward-built pairs",
+        remedy="use a fresh workdir, or delete the file to rebuild the pairs")
+    return parse_records(records, "preference")
 
+
+def _build_pairs(config: ConfigDict, path: Path, policy: GlmForCausalLM,
+                 tokenizer: Tokenizer, template: ChatTemplate, mesh: Mesh
+                 ) -> list[ScoredPair]:
+    """`reward_pairs`' pairs, sampled and scored afresh (`path` names them in messages)."""
+    dpo, data = config.dpo, config.data
     prompts = read_prompts(dpo.prompt_file, "config.dpo.prompt_file", data.on_error)
     reward_model = load_reward_model(dpo.reward_model, "config.dpo.reward_model",
                                      tokenizer, mesh, frozen_overrides(config))
@@ -359,11 +351,7 @@ def reward_pairs(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
         raise ValueError(f"no prompt of {dpo.prompt_file} gave a pair: lower "
                          f"config.dpo.pair_margin (now {dpo.pair_margin}) or raise "
                          f"config.dpo.num_samples (now {dpo.num_samples})")
-    if is_main_process():
-        # Settings first: a pairs file never exists without the settings it was built with.
-        settings_path.write_text(json.dumps(settings, indent=2) + "\n")
-        write_jsonl(path, scored)
-    return [s.pair for s in scored]
+    return scored
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,9 +546,7 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         if mode == "offline":
             pairs, read_report = read_jsonl(dpo.train_file, "preference",
                                             on_error=data.on_error, field="config.dpo.train_file")
-            if read_report.num_skipped:
-                print(f"{dpo.train_file}: skipped {read_report.num_skipped} bad lines "
-                      f"(first: {read_report.first_skipped_lines})")
+            read_report.print_skipped(dpo.train_file)
             path, source = dpo.train_file, f"config.dpo.train_file = {dpo.train_file!r}"
         else:
             pairs = reward_pairs(config, workdir, model, tokenizer, template, mesh)

@@ -151,15 +151,17 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
                eval_every: int = 0, checkpoint_every: int = 0,
                max_nonfinite_steps: int = 10, tokens_per_step: int | None = None,
                flops_per_step: float | None = None, peak_flops: float | None = None,
-               precompiled: Any = None) -> tuple[TrainState, dict[str, Any]]:
+               precompiled: Any = None, step_reads: tuple[str, ...] = ()
+               ) -> tuple[TrainState, dict[str, Any]]:
     """Runs `state` from its step to `num_steps`.
 
     make_step: given the batch shardings, the jitted `(state, batch) -> (state, metrics)` (or
       a BoundStep); it is compiled ahead of time, and its memory needs are printed and
       checked against the device before the first step.
     batches: a resumable iterator of host batches (`get_state` / `set_state`) holding this
-      process's rows; its `task_index` / `pair_index` entries are bookkeeping and are not fed
-      to the step.
+      process's rows; its `task_index` / `pair_index` / `prompt_index` entries are bookkeeping
+      and are not fed to the step, except those named in `step_reads` (a step that computes
+      rule rewards on the host reads `prompt_index`).
     eval_fn: `state -> {name: number, ...}` run every `eval_every` steps and at the end; its
       numbers are written prefixed `eval_`, and the last result is returned under "eval".
     Checkpoints (with the iterator position) every `checkpoint_every` steps and at the end.
@@ -182,7 +184,8 @@ def train_loop(state: TrainState, make_step: Callable[[dict[str, NamedSharding]]
     with Preemption() as preemption:
         for step in tqdm(range(start, num_steps), initial=start, total=num_steps, desc=desc,
                          unit="step", disable=not is_main_process()):
-            batch = {k: v for k, v in next(batches).items() if k not in _HOST_ONLY}
+            batch = {k: v for k, v in next(batches).items()
+                     if k not in _HOST_ONLY or k in step_reads}
             if shardings is None:  # every batch has the first one's shapes
                 shardings = batch_sharding(mesh, batch, jax.process_count())
             device_batch = to_device(batch, shardings)
@@ -313,8 +316,8 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
               batches: Iterator, mesh: Mesh, model_config: Any, tokenizer: Any, desc: str,
               eval_fn: Callable[[TrainState], dict[str, Any]] | None = None,
               export_hf: bool = False, tokens_per_step: int | None = None,
-              flops_per_step: float | None = None, precompiled: Any = None
-              ) -> dict[str, Any]:
+              flops_per_step: float | None = None, precompiled: Any = None,
+              step_reads: tuple[str, ...] = ()) -> dict[str, Any]:
     """What every stage does around its step: resume from `workdir/checkpoints`, record the
     resolved config, model config and tokenizer, run `train_loop` with the metrics writer,
     and (with `export_hf`) export the final model to `workdir/hf`. `section` is the stage's
@@ -359,7 +362,7 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
             tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
             peak_flops=peak_flops(mesh.devices.flat[0],
                                   config.get("metrics", {}).get("peak_tflops", 0.0)),
-            precompiled=precompiled)
+            precompiled=precompiled, step_reads=step_reads)
         if checkpointer.best_step() is not None:
             print(f"{desc}: best checkpoint by {best_metric} is step "
                   f"{checkpointer.best_step()} in {checkpointer.directory}")

@@ -18,9 +18,11 @@ import optax
 from ml_collections import ConfigDict
 
 from glm_jax.config import validate_config
-from glm_jax.data.pipeline import SFTDataset
+from glm_jax.data.datasets import SFTDataset
 from glm_jax.data.records import read_jsonl
 from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
+from glm_jax.rewards import get_rule, score_texts
+from glm_jax.train.cache import cache_key, cached_jsonl, fingerprint
 from glm_jax.train.common import (
     check_tokenizer_fits,
     mesh_from_config,
@@ -34,13 +36,10 @@ from glm_jax.train.programs import BoundStep, parameter_counts, rl_iteration_flo
 from glm_jax.train.prompts import (
     PromptDataset,
     ZippedBatches,
-    cache_key,
-    cached_jsonl,
-    fingerprint,
     reference_records,
     reward_variance_filter,
 )
-from glm_jax.train.rl import RLSettings, make_rl, required_roles
+from glm_jax.train.rl import RLSettings, Rollout, make_rl, required_roles
 from glm_jax.train.roles import roles_from_config
 from glm_jax.train.rollout import SamplingSettings, encode_prompt_file, sample_prompts
 from glm_jax.train.state import make_optimizer, shardings_of
@@ -133,10 +132,17 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     latest checkpoint; exports the policy to `workdir/hf`."""
     validate_config(config)
     ppo, data = config.ppo, config.data
-    for field in ("prompt_file", "reward_model"):
+    rule = get_rule(ppo.reward_rule) if ppo.reward_rule else None
+    for field in ("prompt_file",) + (() if rule else ("reward_model",)):
         if not ppo[field]:
             raise ValueError(f"config.ppo.{field} is empty: set it (e.g. "
                              f"--config.ppo.{field}=...)")
+    if rule and (ppo.reference_reward or ppo.filter_samples):
+        raise ValueError(
+            f"config.ppo.reward_rule = {ppo.reward_rule!r} with config.ppo.reference_reward="
+            f"{ppo.reference_reward} and filter_samples={ppo.filter_samples}: the reference "
+            "reward (eq. 5) and the prompt filter are computed with the reward model, not yet "
+            "with a rule; set --config.ppo.reference_reward=False --config.ppo.filter_samples=0")
     if ppo.sft_coef > 0 and not ppo.sft_file:
         raise ValueError("config.ppo.sft_coef > 0 needs config.ppo.sft_file (an SFT JSONL)")
     settings = RLSettings.from_config(config)
@@ -148,14 +154,20 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     prompts = read_prompts(ppo.prompt_file, "config.ppo.prompt_file", data.on_error)
 
     # Before any weights load (the fused program; the step-by-step one is for debugging).
-    checked = preflight(config, "ppo", mesh, ppo.algorithm.upper()) if ppo.fused else None
-    roles = roles_from_config(config, mesh, tokenizer=tokenizer, reward=True,
+    # Rule rewards run two programs, compiled at the first step.
+    fused = ppo.fused and rule is None
+    checked = preflight(config, "ppo", mesh, ppo.algorithm.upper()) if fused else None
+    roles = roles_from_config(config, mesh, tokenizer=tokenizer, reward=rule is None,
                               **required_roles(settings))
     prompts, prompt_ids, prompt_mask = encode_prompt_file(prompts, tokenizer, template, data,
                                                           "config.ppo.prompt_file")
-    kept, ref_rewards, report = prepare_prompts(
-        config, workdir, roles.policy.module(), roles.reward.module(), prompt_ids,
-        prompt_mask, prompts, tokenizer, mesh)
+    if rule is None:
+        kept, ref_rewards, report = prepare_prompts(
+            config, workdir, roles.policy.module(), roles.reward.module(), prompt_ids,
+            prompt_mask, prompts, tokenizer, mesh)
+    else:
+        kept, ref_rewards = np.ones(len(prompts), bool), np.zeros(len(prompts), np.float32)
+        report = {"prompts": len(prompts)}
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     batches: Any = iter(PromptDataset(prompt_ids, prompt_mask, ref_rewards=ref_rewards,
                                       kept=kept, batch_size=ppo.batch_size, seed=config.seed,
@@ -178,16 +190,29 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         program, state, frozen = make_rl(settings, roles, sampling,
                                          rl_optimizers(config, settings))
 
+    def host_scores(rollout: Rollout, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """The rule's reward of each response, as the tokenizer decodes it (without EOS)."""
+        rows = np.repeat(batch["prompt_index"], settings.num_generations)
+        eos = np.asarray(tokenizer.eos_token_ids)
+        texts = [tokenizer.decode(tokens[keep & ~np.isin(tokens, eos)].tolist())
+                 for tokens, keep in zip(rollout.tokens, rollout.response_mask, strict=True)]
+        return score_texts(rule, ppo.reward_rule, [prompts[i] for i in rows], texts)
+
     def make_step(batch_shardings):
-        build = program.jit_iteration if ppo.fused else program.step_by_step
-        return BoundStep(build(shardings_of(state), batch_shardings), (frozen,))
+        if rule is not None:
+            step = program.with_host_rewards(host_scores, shardings_of(state), batch_shardings)
+        else:
+            build = program.jit_iteration if ppo.fused else program.step_by_step
+            step = build(shardings_of(state), batch_shardings)
+        return BoundStep(step, (frozen,))
 
     sequence = (settings.rollout_size, data.max_prompt_tokens, data.max_response_tokens)
     flops = rl_iteration_flops(
         roles.policy.config, parameter_counts(state.params),
         parameter_counts(state.critic_params) if roles.critic else None,
-        parameter_counts(frozen["reward"]), batch=sequence[0], prompt_length=sequence[1],
-        response_length=sequence[2], epochs=ppo.ppo_epochs,
+        parameter_counts(frozen["reward"]) if "reward" in frozen else None,
+        batch=sequence[0], prompt_length=sequence[1], response_length=sequence[2],
+        epochs=ppo.ppo_epochs,
         reference="reference" in frozen)
     policy_graphdef, model_config = roles.policy.graphdef, roles.policy.config
     del roles  # the state and `frozen` hold the parameters the loop needs
@@ -196,5 +221,6 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                      model_config=model_config, tokenizer=tokenizer,
                      desc=ppo.algorithm.upper(),
                      export_hf=True, tokens_per_step=sequence[0] * (sequence[1] + sequence[2]),
-                     flops_per_step=sum(flops.values()), precompiled=checked)
+                     flops_per_step=sum(flops.values()), precompiled=checked,
+                     step_reads=("prompt_index",) if rule else ())
     return {**last, "prompts": report}

@@ -1,69 +1,18 @@
 """The prompt side of PPO: the reward-variance filter and the reference responses (paper
-3.4, eq. 5), each computed once and cached on disk, and the resumable prompt batches.
-
-A cache file is a JSONL a user can open, with a `.key` file beside it holding a hash of
-everything the records depend on (prompts, checkpoints, sampling settings, seed). The key is
-written after the records, so an interrupted write is recomputed, never half-read.
+3.4, eq. 5), each computed once and cached on disk (`cache.cached_jsonl`), and the resumable
+prompt batches.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from glm_jax.data.pipeline import _BatchedDataset, _check_batching
-from glm_jax.data.records import PromptExample, write_jsonl
+from glm_jax.data.datasets import _BatchedDataset, _check_batching
+from glm_jax.data.records import PromptExample
 from glm_jax.train.rollout import ScoredSamples
-
-
-def fingerprint(path: str | Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime) of every file under `path` (or of the file itself): it
-    changes when a checkpoint is rewritten, and costs no read of the weights."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [(str(p.relative_to(path)) if p != path else p.name, (st := p.stat()).st_size,
-             st.st_mtime_ns) for p in files]
-
-
-def cache_key(**parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def cached_jsonl(path: str | Path, key: str, compute: Callable[[], list[dict[str, Any]]],
-                 what: str) -> list[dict[str, Any]]:
-    """The records in `path` if its `.key` file holds `key`; else `compute()`, written to
-    `path` (atomically) and then the key. With several processes (the workdir on a
-    filesystem they share) process 0 decides whether to reuse, all of them compute (it is a
-    collective program), and only process 0 writes."""
-    path = Path(path)
-    key_path = path.with_name(path.name + ".key")
-    reuse = path.exists() and key_path.exists() and key_path.read_text().strip() == key
-    if jax.process_count() > 1:
-        reuse = bool(multihost_utils.broadcast_one_to_all(np.int32(reuse)))
-    if reuse:
-        print(f"{what}: reusing {path}")
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    records = compute()
-    if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key_path.unlink(missing_ok=True)
-        write_jsonl(path, records)
-        tmp = key_path.with_name(key_path.name + ".tmp")
-        tmp.write_text(key + "\n")
-        os.replace(tmp, key_path)
-        print(f"{what}: wrote {path}")
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"wrote {path}")
-    return records
 
 
 def reward_variance_filter(rewards: np.ndarray, min_variance: float

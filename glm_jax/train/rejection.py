@@ -25,11 +25,11 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from glm_jax.config import validate_config
-from glm_jax.data.records import SFTExample, read_jsonl, write_jsonl
+from glm_jax.data.records import SFTExample, parse_records
 from glm_jax.data.tokenizer import Tokenizer
+from glm_jax.train.cache import fixed_jsonl
 from glm_jax.train.common import (
     check_tokenizer_fits,
-    is_main_process,
     mesh_from_config,
     read_prompts,
     template_from_config,
@@ -130,22 +130,6 @@ def load_summary(workdir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _reuse(config: ConfigDict, workdir: Path) -> list[SFTExample]:
-    """The winners already in `workdir`, after checking they were sampled with `config`'s
-    settings (a stale file would silently train on other data)."""
-    saved = load_summary(workdir).get("settings")
-    current = _settings(config)
-    if saved is not None and saved != current:
-        changed = sorted(k for k in current.keys() | saved.keys()
-                         if current.get(k) != saved.get(k))
-        raise ValueError(f"{workdir / WINNERS_FILE} was sampled with other settings "
-                         f"({', '.join(changed)} changed): use a new workdir, or delete it "
-                         "(and sft/) to sample again")
-    examples, _ = read_jsonl(workdir / WINNERS_FILE, "sft")
-    print(f"reusing {len(examples)} winners from {workdir / WINNERS_FILE}")
-    return examples
-
-
 def rejection_sample(config: ConfigDict, workdir: str | Path) -> list[SFTExample]:
     """The best of `rsft.num_samples` responses to each prompt of `rsft.prompt_file`, as SFT
     examples, written to `workdir/best_of_n.jsonl` with `best_of_n_summary.json`.
@@ -153,13 +137,22 @@ def rejection_sample(config: ConfigDict, workdir: str | Path) -> list[SFTExample
     Responses are up to `data.max_response_tokens` tokens (EOS included), so a winner fits
     the SFT phase untruncated. A winner must be `trainable`, end with EOS (unless
     `rsft.require_eos` is False) and reach `rsft.min_reward` (when set). When the winners
-    file exists it is returned as is: sampling never runs twice.
+    file exists it is returned as is, after checking it was sampled with `config`'s settings
+    (a stale file would silently train on other data): sampling never runs twice.
     """
     _check_config(config)
-    rsft, data = config.rsft, config.data
     workdir = Path(workdir)
-    if (workdir / WINNERS_FILE).exists():
-        return _reuse(config, workdir)
+    records = fixed_jsonl(
+        workdir / WINNERS_FILE, _settings(config), lambda: _sample_winners(config),
+        settings_path=workdir / SUMMARY_FILE, settings_key="settings", what="best-of-n winners",
+        remedy="use a new workdir, or delete it (and sft/) to sample again")
+    return parse_records(records, "sft")
+
+
+def _sample_winners(config: ConfigDict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`rejection_sample`'s winners, sampled afresh: their records (SFT examples with the
+    winner's `reward` and its prompt's `rewards`) and the summary (without the settings)."""
+    rsft, data = config.rsft, config.data
     prompts = read_prompts(rsft.prompt_file, "config.rsft.prompt_file", data.on_error)
     mesh = mesh_from_config(config)
     tokenizer, template = tokenizer_from_config(config), template_from_config(config)
@@ -188,18 +181,11 @@ def rejection_sample(config: ConfigDict, workdir: str | Path) -> list[SFTExample
         "prompts": len(prompts), "kept": len(examples), "num_samples": rsft.num_samples,
         "ended_with_eos": int(samples.ended_with_eos.sum()), "trainable": int(ok.sum()),
         "mean_reward": float(rewards.mean()),
-        "mean_best_reward": float(np.mean(best)) if best else None,
-        "settings": _settings(config)}
-    if is_main_process():
-        workdir.mkdir(parents=True, exist_ok=True)
-        # The summary first: the winners file is what marks sampling as done.
-        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        write_jsonl(workdir / WINNERS_FILE, [
-            {**example.to_json(), "reward": rewards[i, j], "rewards": rewards[i].tolist()}
-            for example, (i, j) in zip(examples, winners, strict=True)])
+        "mean_best_reward": float(np.mean(best)) if best else None}
     print(f"best-of-{rsft.num_samples}: kept {len(examples)} of {len(prompts)} prompts; mean "
           f"reward {summary['mean_reward']:.4f}, of the winners {summary['mean_best_reward']}")
-    return examples
+    return [{**example.to_json(), "reward": rewards[i, j], "rewards": rewards[i].tolist()}
+            for example, (i, j) in zip(examples, winners, strict=True)], summary
 
 
 @holds_workdir

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,12 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from glm_jax.config import validate_config
-from glm_jax.data.pipeline import PreferenceDataset, pad_batch, tokenize_record
+from glm_jax.data.datasets import PreferenceDataset, pad_batch, tokenize_record
 from glm_jax.data.records import PreferencePair, SFTExample, read_jsonl
 from glm_jax.losses import reward_model_loss
 from glm_jax.models.heads import GlmRewardModel
-from glm_jax.sharding import batch_sharding, global_to_device, to_host
 from glm_jax.train import loop
+from glm_jax.train.batched import map_batches
 from glm_jax.train.common import (
     check_tokenizer_fits,
     mesh_from_config,
@@ -65,8 +65,14 @@ def pair_rewards(model: GlmRewardModel, batch: Mapping[str, jax.Array]
 
 # Module-level jits keyed by the (static) graph: evaluations reuse one compiled program.
 @partial(jax.jit, static_argnums=0)
-def _pair_rewards_jit(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array]):
-    return pair_rewards(nnx.merge(graphdef, params), batch)
+def _pair_scores_jit(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array]
+                     ) -> dict[str, jax.Array]:
+    """`PairScores`' fields for the rows of `batch`, `[batch]` each."""
+    chosen, rejected = pair_rewards(nnx.merge(graphdef, params), batch)
+    return {"chosen": chosen, "rejected": rejected,
+            "chosen_length": batch["chosen_mask"].sum(-1),
+            "rejected_length": batch["rejected_mask"].sum(-1),
+            "task_index": batch.get("task_index", jnp.full(chosen.shape, -1, jnp.int32))}
 
 
 @partial(jax.jit, static_argnums=0)
@@ -106,27 +112,14 @@ class PairScores:
     task_index: np.ndarray
 
 
-def score_pairs(graphdef: nnx.GraphDef, params: Any, batches: Iterable[Batch], mesh: Mesh,
+def score_pairs(graphdef: nnx.GraphDef, params: Any, batches: Sequence[Batch], mesh: Mesh,
                 desc: str = "evaluating") -> PairScores:
-    """Runs the reward model over `batches` (each may carry a bool `valid` `[batch]` marking
-    padding rows of a short last batch) and collects per-pair rewards on the host."""
-
-    parts: dict[str, list[np.ndarray]] = {f.name: [] for f in dataclasses.fields(PairScores)}
-    shardings = None
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-        valid = np.asarray(batch.get("valid", np.ones(len(batch["chosen_ids"]), bool)))
-        arrays = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask"))}
-        shardings = shardings or batch_sharding(mesh, arrays)
-        with jax.set_mesh(mesh):
-            chosen, rejected = to_host(_pair_rewards_jit(graphdef, params,
-                                                         global_to_device(arrays, shardings)))
-        parts["chosen"].append(chosen[valid])
-        parts["rejected"].append(rejected[valid])
-        parts["chosen_length"].append(np.asarray(batch["chosen_mask"]).sum(-1)[valid])
-        parts["rejected_length"].append(np.asarray(batch["rejected_mask"]).sum(-1)[valid])
-        parts["task_index"].append(np.asarray(batch.get("task_index",
-                                                        np.full(len(valid), -1)))[valid])
-    return PairScores(**{k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()})
+    """Runs the reward model over `batches` (all of one size; each may carry a bool `valid`
+    `[batch]` marking padding rows of a short last batch) and collects per-pair rewards on
+    the host."""
+    return PairScores(**map_batches(partial(_pair_scores_jit, graphdef, params), batches,
+                                    batch_size=len(batches[0]["chosen_ids"]), mesh=mesh,
+                                    desc=desc))
 
 
 def summarize_scores(scores: PairScores, task_names: list[str] | None = None
@@ -212,9 +205,7 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
     check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
     train_pairs, read_report = read_jsonl(rm.train_file, "preference", on_error=data.on_error,
                                           field="config.rm.train_file")
-    if read_report.num_skipped:
-        print(f"{rm.train_file}: skipped {read_report.num_skipped} bad lines "
-              f"(first: {read_report.first_skipped_lines})")
+    read_report.print_skipped(rm.train_file)
 
     train_data = dataset_from_config(train_pairs, tokenizer, template, config, seed=config.seed,
                                      source=f"config.rm.train_file = {rm.train_file!r}",

@@ -41,6 +41,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -63,6 +64,8 @@ from glm_jax.losses import (
     rloo_advantages,
 )
 from glm_jax.models.heads import GlmForCausalLM, GlmValueModel
+from glm_jax.sharding import batch_sharding as batch_sharding_of
+from glm_jax.sharding import global_to_device, to_host
 from glm_jax.train.loop import train_step
 from glm_jax.train.roles import Roles
 from glm_jax.train.rollout import SamplingSettings, sequence
@@ -494,6 +497,25 @@ class RLProgram:
                 state = state.replace(kl_coef=adaptive_kl_coef(
                     state.kl_coef, score_stats["kl"], self.settings))
             return state, {**score_stats, **update_stats}
+
+        return iteration
+
+    def with_host_rewards(self, host_scores: Callable[[Rollout, Mapping[str, Any]], Any],
+                          state_sharding: Any, batch_sharding: Any
+                          ) -> Callable[..., tuple[RLState, dict[str, jax.Array]]]:
+        """The iteration as two programs with the rewards computed on the host between them
+        (rule rewards): the rollout; `host_scores(rollout, batch)` on host copies of both,
+        returning `[N]` float32; then `learn`, with the state donated."""
+        rollout_fn = jax.jit(self.rollout, in_shardings=(state_sharding, batch_sharding))
+        learn_fn = jax.jit(self.learn, out_shardings=(state_sharding, None), donate_argnums=0)
+
+        def iteration(state, frozen, batch):
+            rollout = rollout_fn(state, batch)
+            scores = {"scores": np.asarray(host_scores(to_host(rollout), to_host(batch)),
+                                           np.float32)}
+            mesh = rollout.tokens.sharding.mesh
+            scores = global_to_device(scores, batch_sharding_of(mesh, scores))["scores"]
+            return learn_fn(state, frozen, rollout, batch, scores)
 
         return iteration
 

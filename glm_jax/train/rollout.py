@@ -8,10 +8,10 @@ re-alignment, and the model derives positions from the mask.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +19,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
-from tqdm.auto import tqdm
 
-from glm_jax.data.pipeline import tokenize_prompts
+from glm_jax.data.datasets import tokenize_prompts
 from glm_jax.data.records import PromptExample
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
 from glm_jax.generation import GenerationOutput, sample
 from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
-from glm_jax.sharding import batch_sharding, global_to_device, to_host
+from glm_jax.train.batched import map_batches
 from glm_jax.train.loop import Preemption
 
 
@@ -165,24 +164,21 @@ def sample_prompts(policy: GlmForCausalLM, reward_model: GlmRewardModel,
     policy_graphdef, policy_params = nnx.split(policy)
     reward_graphdef, reward_params = nnx.split(reward_model)
     key = jax.random.key(seed)
-    parts: list[tuple[Any, ...]] = []
-    shardings = None
+    numbers = itertools.count()  # map_batches calls once per batch, in order
+
+    def sample_batch(batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
+        out, rewards = _sample_and_score_jit(
+            policy_graphdef, reward_graphdef, settings, policy_params, reward_params,
+            batch["ids"], batch["mask"], jax.random.fold_in(key, next(numbers)))
+        return out.tokens, out.response_mask, out.ended_with_eos, rewards
+
+    starts = range(0, len(rows), batch_size)
+    batches = ({"ids": prompt_ids[rows[i:i + batch_size]],
+                "mask": prompt_mask[rows[i:i + batch_size]]} for i in starts)
     with Preemption(abandon=f"sampling for the {desc}"):
-        for number, start in enumerate(tqdm(range(0, len(rows), batch_size), desc=desc,
-                                            unit="batch", leave=False)):
-            chunk = rows[start:start + batch_size]
-            index = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
-            batch = {"ids": prompt_ids[index], "mask": prompt_mask[index]}
-            shardings = shardings or batch_sharding(mesh, batch)
-            batch = global_to_device(batch, shardings)
-            with jax.set_mesh(mesh):
-                out, rewards = _sample_and_score_jit(
-                    policy_graphdef, reward_graphdef, settings, policy_params, reward_params,
-                    batch["ids"], batch["mask"], jax.random.fold_in(key, number))
-            parts.append(tuple(x[:len(chunk)] for x in to_host(
-                (out.tokens, out.response_mask, out.ended_with_eos, rewards))))
-    tokens, response_mask, ended, rewards = (np.concatenate(column)
-                                             for column in zip(*parts, strict=True))
+        tokens, response_mask, ended, rewards = map_batches(
+            sample_batch, batches, batch_size=batch_size, mesh=mesh, desc=desc,
+            total=len(starts))
     shape = (n, num_samples)
     return ScoredSamples(tokens=tokens.reshape(*shape, -1),
                          response_mask=response_mask.reshape(*shape, -1),

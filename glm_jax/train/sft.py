@@ -20,15 +20,14 @@ import numpy as np
 import optax
 from flax import nnx
 from ml_collections import ConfigDict
-from tqdm.auto import tqdm
 
 from glm_jax.config import validate_config
-from glm_jax.data.pipeline import PackedSFTDataset, SFTDataset, pad_batch
+from glm_jax.data.datasets import PackedSFTDataset, SFTDataset
 from glm_jax.data.records import SFTExample, read_jsonl
 from glm_jax.losses import masked_mean
 from glm_jax.models.heads import GlmForCausalLM
-from glm_jax.sharding import batch_sharding, global_to_device
 from glm_jax.train import loop
+from glm_jax.train.batched import map_batches
 from glm_jax.train.common import (
     check_tokenizer_fits,
     mesh_from_config,
@@ -93,6 +92,8 @@ def sft_dataset(examples: list[SFTExample], tokenizer, template, config: ConfigD
 
 @partial(jax.jit, static_argnums=0)
 def _eval_loss_jit(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array]):
+    # Padding rows (`valid` False) repeat a real row: no loss on them.
+    batch = {**batch, "loss_mask": batch["loss_mask"] & batch["valid"][:, None]}
     return sft_batch_loss(nnx.merge(graphdef, params), batch)
 
 
@@ -101,22 +102,14 @@ def evaluate_sft(graphdef: nnx.GraphDef, params: Any, dataset: SFTDataset, mesh,
     """Token-weighted response NLL (and perplexity) over every example of `dataset` (build it
     with `num_epochs=1, drop_remainder=False`: a short last batch is padded with rows that
     count for nothing). Raises ValueError naming `source` when there is no response token."""
-    total, tokens, shardings = 0.0, 0, None
-    for batch in tqdm(dataset, desc="evaluating", unit="batch", leave=False):
-        batch = pad_batch(batch, dataset.batch_size)
-        arrays = {k: v for k, v in batch.items() if k not in ("task_index", "valid")}
-        # Padding rows repeat a real row: no loss on them.
-        arrays["loss_mask"] = arrays["loss_mask"] & batch["valid"][:, None]
-        shardings = shardings or batch_sharding(mesh, arrays)
-        with jax.set_mesh(mesh):
-            loss, stats = _eval_loss_jit(graphdef, params,
-                                         global_to_device(arrays, shardings))
-        count = int(stats["response_tokens"])
-        total, tokens = total + float(loss) * count, tokens + count
+    loss, stats = map_batches(partial(_eval_loss_jit, graphdef, params), dataset,
+                              batch_size=dataset.batch_size, mesh=mesh, desc="evaluating")
+    counts = stats["response_tokens"]  # `[num_batches]`, as `loss` (each batch's mean)
+    tokens = int(counts.sum())
     if not tokens:
         raise ValueError(f"{source}: no response token to evaluate on; give it examples "
                          "with responses")
-    nll = total / tokens
+    nll = sum(float(x) * int(n) for x, n in zip(loss, counts, strict=True)) / tokens
     return {"loss": nll, "perplexity": float(np.exp(nll)), "response_tokens": tokens}
 
 
@@ -136,9 +129,7 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
     examples, read_report = read_jsonl(sft.train_file, "sft", on_error=data.on_error,
                                        field="config.sft.train_file")
-    if read_report.num_skipped:
-        print(f"{sft.train_file}: skipped {read_report.num_skipped} bad lines "
-              f"(first: {read_report.first_skipped_lines})")
+    read_report.print_skipped(sft.train_file)
     packing = sft.get("packing", False)
     train_data = sft_dataset(examples, tokenizer, template, config, packing=packing,
                              source=f"config.sft.train_file = {sft.train_file!r}",
