@@ -243,10 +243,9 @@ def test_tiny_policy_raises_a_rule_reward_through_train_ppo(tmp_path):
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 1.5, rewards
 
 
-def test_rule_reward_errors_name_the_rule_and_the_response(tmp_path):
+def test_rule_reward_errors_name_the_rule_and_the_response():
     from glm_jax.data import PromptExample
     from glm_jax.rewards import get_rule, score_texts
-    from glm_jax.train.ppo import train_ppo
 
     with pytest.raises(ValueError, match="config.ppo.reward_rule = 'nope' is not a registered "
                                          "reward rule: give a registered rule \\(.*world_gold"):
@@ -261,10 +260,6 @@ def test_rule_reward_errors_name_the_rule_and_the_response(tmp_path):
     with pytest.raises(ValueError, match="reward rule 'r' failed on prompt 'p' with response "
                                          "'x': KeyError"):
         score_texts(lambda p, t: {}[t], "r", prompts, ["x"])
-    config = config_of("grpo", prompt_file="p.jsonl", reward_rule="world_gold")
-    with pytest.raises(ValueError, match="reference reward \\(eq. 5\\) and the prompt filter "
-                                         "are computed with the reward model"):
-        train_ppo(config, tmp_path / "w")
 
 
 def test_world_gold_rule_is_the_worlds_gold_quality():
@@ -278,3 +273,32 @@ def test_world_gold_rule_is_the_worlds_gold_quality():
     assert rule(prompt, "the answer is 7") == pytest.approx(gold_quality("add 2 and 3",
                                                                          "the answer is 7"))
     assert rule(prompt, "the answer is 7") < 1.0
+
+
+def test_rule_rewards_score_the_reference_responses_and_the_prompt_filter(tmp_path):
+    import json
+
+    from glm_jax.data import PromptExample, write_jsonl
+    from glm_jax.rewards import register
+    from glm_jax.train.ppo import train_ppo
+
+    register("test_letter_e")(letter_e)
+    write_jsonl(tmp_path / "prompts.jsonl", [PromptExample(f"question {i}") for i in range(8)])
+    config = config_of("rloo", prompt_file=str(tmp_path / "prompts.jsonl"),
+                       reward_rule="test_letter_e", reference_reward=True, filter_samples=2,
+                       filter_min_variance=0.0, num_steps=1, batch_size=8, num_generations=2)
+    config.data.max_prompt_tokens, config.data.max_response_tokens = RL_PROMPT_TOKENS, 8
+    train_ppo(config, tmp_path / "w")
+    references = [json.loads(line) for line in
+                  (tmp_path / "w" / "reference_responses.jsonl").read_text().splitlines()]
+    assert len(references) == 8
+    assert [r["reward"] for r in references] == [r["response"].count("e") for r in references]
+    assert any(r["reward"] > 0 for r in references)
+    filtered = [json.loads(line) for line in
+                (tmp_path / "w" / "prompt_filter.jsonl").read_text().splitlines()]
+    assert all(len(r["rewards"]) == 2 and all(float(v).is_integer() for v in r["rewards"])
+               for r in filtered)
+    # The one iteration's batch holds all 8 prompts: its reference reward is their mean.
+    metrics = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[0])
+    expected = np.mean([r["reward"] for r in references])
+    assert metrics["reference_reward"] == pytest.approx(expected, abs=1e-5)

@@ -93,3 +93,23 @@ def test_bfloat16_moments_and_frozen_copies_keep_their_placement():
     expected, _ = reference.update(grads, reference.init(params), params)
     for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2)
+
+
+def test_the_rl_programs_hold_only_the_models_their_algorithm_uses():
+    mesh = make_mesh(MeshConfig(1, 8, 1))
+
+    def arguments(**ppo):
+        config = small_config()
+        config.ppo.update({"batch_size": 4, "minibatch_size": 8, "num_generations": 4, **ppo})
+        return compile_program(config, "ppo", mesh).cost.argument_bytes
+
+    ppo = arguments(algorithm="ppo", num_generations=2)
+    grpo = arguments(algorithm="grpo")
+    grpo_rule = arguments(algorithm="grpo", reward_rule="world_gold")
+    grpo_no_kl = arguments(algorithm="grpo", reward_rule="world_gold", kl_coef=0.0)
+    # Model-sized arrays: PPO 8 (policy and critic with 2 moments each, reference, reward
+    # model); GRPO 5 (no critic); a rule drops the reward model (4); kl_coef 0 the reference
+    # (3). The critic and reward model lack the LM head, so the ratios are approximate.
+    assert grpo < 0.75 * ppo
+    assert grpo_rule < grpo and grpo_no_kl < grpo_rule
+    assert 0.55 < grpo_no_kl / grpo < 0.7

@@ -9,6 +9,7 @@ SFT rows of eq. 6, and the training loop with its checkpoints, metrics and HF ex
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from glm_jax.config import validate_config
 from glm_jax.data.datasets import SFTDataset
 from glm_jax.data.records import read_jsonl
 from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
-from glm_jax.rewards import get_rule, score_texts
+from glm_jax.rewards import RewardRule, get_rule, score_texts
 from glm_jax.train.cache import cache_key, cached_jsonl, fingerprint
 from glm_jax.train.common import (
     check_tokenizer_fits,
@@ -41,7 +42,12 @@ from glm_jax.train.prompts import (
 )
 from glm_jax.train.rl import RLSettings, Rollout, make_rl, required_roles
 from glm_jax.train.roles import roles_from_config
-from glm_jax.train.rollout import SamplingSettings, encode_prompt_file, sample_prompts
+from glm_jax.train.rollout import (
+    SamplingSettings,
+    encode_prompt_file,
+    response_texts,
+    sample_prompts,
+)
 from glm_jax.train.state import make_optimizer, shardings_of
 from glm_jax.train.workdir import holds_workdir
 
@@ -69,25 +75,35 @@ def _policy_source(config: ConfigDict) -> Any:
 
 
 def prepare_prompts(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
-                    reward_model: GlmRewardModel, prompt_ids: np.ndarray,
-                    prompt_mask: np.ndarray, prompts: list, tokenizer, mesh
+                    reward_model: GlmRewardModel | None, prompt_ids: np.ndarray,
+                    prompt_mask: np.ndarray, prompts: list, tokenizer, mesh,
+                    rule: RewardRule | None = None
                     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The prompt filter and the reference rewards, each from its cache or computed once.
+    """The prompt filter and the reference rewards, each from its cache or computed once,
+    with the reward model or, given `rule` (config.ppo.reward_rule), the rule on the texts.
 
     Returns (kept `[n]` bool, ref_rewards `[n]` float32 (zeros with eq. 5 off), report)."""
     ppo, data = config.ppo, config.data
     n = len(prompts)
+    reward = (ppo.reward_rule if rule else
+              fingerprint(Path(ppo.reward_model) / "checkpoints"))
     common = dict(prompts=fingerprint(ppo.prompt_file), policy=_policy_source(config),
-                  reward=fingerprint(Path(ppo.reward_model) / "checkpoints"),
+                  reward=reward,
                   max_prompt_tokens=data.max_prompt_tokens,
                   max_response_tokens=data.max_response_tokens, seed=config.seed,
                   # Which prompts are encoded, and how, depends on these too.
                   truncation=data.truncation, special_tokens=data.special_tokens)
 
     def sampled(num_samples: int, settings: SamplingSettings, seed: int, desc: str):
-        return sample_prompts(policy, reward_model, prompt_ids, prompt_mask,
-                              num_samples=num_samples, batch_size=ppo.batch_size,
-                              settings=settings, seed=seed, mesh=mesh, desc=desc)
+        samples = sample_prompts(policy, reward_model, prompt_ids, prompt_mask,
+                                 num_samples=num_samples, batch_size=ppo.batch_size,
+                                 settings=settings, seed=seed, mesh=mesh, desc=desc)
+        if rule is None:
+            return samples
+        texts = [text for row in samples.texts(tokenizer) for text in row]
+        rows = [prompts[i] for i in range(n) for _ in range(num_samples)]
+        rewards = score_texts(rule, ppo.reward_rule, rows, texts)
+        return dataclasses.replace(samples, rewards=rewards.reshape(n, num_samples))
 
     report: dict[str, Any] = {"prompts": n}
     kept = np.ones(n, bool)
@@ -137,12 +153,6 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         if not ppo[field]:
             raise ValueError(f"config.ppo.{field} is empty: set it (e.g. "
                              f"--config.ppo.{field}=...)")
-    if rule and (ppo.reference_reward or ppo.filter_samples):
-        raise ValueError(
-            f"config.ppo.reward_rule = {ppo.reward_rule!r} with config.ppo.reference_reward="
-            f"{ppo.reference_reward} and filter_samples={ppo.filter_samples}: the reference "
-            "reward (eq. 5) and the prompt filter are computed with the reward model, not yet "
-            "with a rule; set --config.ppo.reference_reward=False --config.ppo.filter_samples=0")
     if ppo.sft_coef > 0 and not ppo.sft_file:
         raise ValueError("config.ppo.sft_coef > 0 needs config.ppo.sft_file (an SFT JSONL)")
     settings = RLSettings.from_config(config)
@@ -153,21 +163,17 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
     prompts = read_prompts(ppo.prompt_file, "config.ppo.prompt_file", data.on_error)
 
-    # Before any weights load (the fused program; the step-by-step one is for debugging).
-    # Rule rewards run two programs, compiled at the first step.
-    fused = ppo.fused and rule is None
-    checked = preflight(config, "ppo", mesh, ppo.algorithm.upper()) if fused else None
+    # Before any weights load (the fused program, or with a rule reward the program after the
+    # rollout; the step-by-step one is for debugging).
+    checked = (preflight(config, "ppo", mesh, ppo.algorithm.upper())
+               if ppo.fused or rule else None)
     roles = roles_from_config(config, mesh, tokenizer=tokenizer, reward=rule is None,
                               **required_roles(settings))
     prompts, prompt_ids, prompt_mask = encode_prompt_file(prompts, tokenizer, template, data,
                                                           "config.ppo.prompt_file")
-    if rule is None:
-        kept, ref_rewards, report = prepare_prompts(
-            config, workdir, roles.policy.module(), roles.reward.module(), prompt_ids,
-            prompt_mask, prompts, tokenizer, mesh)
-    else:
-        kept, ref_rewards = np.ones(len(prompts), bool), np.zeros(len(prompts), np.float32)
-        report = {"prompts": len(prompts)}
+    kept, ref_rewards, report = prepare_prompts(
+        config, workdir, roles.policy.module(), roles.reward and roles.reward.module(),
+        prompt_ids, prompt_mask, prompts, tokenizer, mesh, rule)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     batches: Any = iter(PromptDataset(prompt_ids, prompt_mask, ref_rewards=ref_rewards,
                                       kept=kept, batch_size=ppo.batch_size, seed=config.seed,
@@ -193,9 +199,7 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     def host_scores(rollout: Rollout, batch: dict[str, np.ndarray]) -> np.ndarray:
         """The rule's reward of each response, as the tokenizer decodes it (without EOS)."""
         rows = np.repeat(batch["prompt_index"], settings.num_generations)
-        eos = np.asarray(tokenizer.eos_token_ids)
-        texts = [tokenizer.decode(tokens[keep & ~np.isin(tokens, eos)].tolist())
-                 for tokens, keep in zip(rollout.tokens, rollout.response_mask, strict=True)]
+        texts = response_texts(rollout.tokens, rollout.response_mask, tokenizer)
         return score_texts(rule, ppo.reward_rule, [prompts[i] for i in rows], texts)
 
     def make_step(batch_shardings):

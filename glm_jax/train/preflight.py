@@ -115,13 +115,15 @@ def dpo_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ..
 def ppo_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ...]]:
     """The fused RL iteration of config.ppo.algorithm and its abstract (state, frozen
     parameters, batch): the policy (and PPO's critic) trained, the reference and the reward
-    model frozen."""
+    model frozen. With a rule reward (config.ppo.reward_rule), the program after the rollout,
+    `learn`, and its abstract (state, frozen, rollout, batch, scores)."""
     from glm_jax.train import ppo, rl
     from glm_jax.train.rollout import SamplingSettings
 
     section, data = config.ppo, config.data
     settings = rl.RLSettings.from_config(config)
-    roles = abstract_roles(config, mesh, reward=True, **rl.required_roles(settings))
+    rule = bool(section.reward_rule)
+    roles = abstract_roles(config, mesh, reward=not rule, **rl.required_roles(settings))
     model_config = roles.policy.config
     sampling = SamplingSettings(max_new_tokens=data.max_response_tokens,
                                 eos_token_ids=tuple(model_config.eos_token_id),
@@ -150,8 +152,20 @@ def ppo_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ..
                  "sft_attention_mask": ((rows, length), jnp.bool_),
                  "sft_loss_mask": ((rows, length), jnp.bool_)}
     batch = abstract_batch(mesh, spec)
-    iteration = program.jit_iteration(_shardings(state), _shardings(batch))
-    return iteration, (state, frozen, batch)
+    if not rule:
+        iteration = program.jit_iteration(_shardings(state), _shardings(batch))
+        return iteration, (state, frozen, batch)
+    # Rule rewards: the larger of the two programs, everything after the rollout.
+    rows, response = settings.rollout_size, data.max_response_tokens
+    rollout = rl.Rollout(**abstract_batch(mesh, {
+        "prompt_ids": ((rows, prompt), jnp.int32), "prompt_mask": ((rows, prompt), jnp.bool_),
+        "tokens": ((rows, response), jnp.int32),
+        "response_mask": ((rows, response), jnp.bool_),
+        "sampler_logps": ((rows, response), jnp.float32),
+        "ended_with_eos": ((rows,), jnp.bool_)}))
+    scores = abstract_batch(mesh, {"scores": ((rows,), jnp.float32)})["scores"]
+    learn = jax.jit(program.learn, out_shardings=(_shardings(state), None), donate_argnums=0)
+    return learn, (state, frozen, rollout, batch, scores)
 
 
 BUILDERS = {"sft": sft_program, "rm": rm_program, "dpo": dpo_program, "ppo": ppo_program}

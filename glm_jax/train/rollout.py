@@ -107,21 +107,34 @@ def sequence(prompt_ids: jax.Array, prompt_mask: jax.Array, out: GenerationOutpu
             jnp.concatenate([prompt_mask, out.response_mask], axis=1))
 
 
-def sample_and_score(policy: GlmForCausalLM, reward_model: GlmRewardModel,
+def sample_and_score(policy: GlmForCausalLM, reward_model: GlmRewardModel | None,
                      prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
                      settings: SamplingSettings) -> tuple[GenerationOutput, jax.Array]:
     """Traceable: responses to `[batch, P]` prompts and their rewards `[batch]` float32, read
-    on each response's last token (its EOS, or the length limit's last token)."""
+    on each response's last token (its EOS, or the length limit's last token); zeros without
+    a reward model (the caller scores the texts: rule rewards)."""
     out = settings.sample(policy, prompt_ids, prompt_mask, rng)
+    if reward_model is None:
+        return out, jnp.zeros(prompt_ids.shape[:1], jnp.float32)
     return out, reward_model(*sequence(prompt_ids, prompt_mask, out))
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def _sample_and_score_jit(policy_graphdef, reward_graphdef, settings, policy_params,
                           reward_params, prompt_ids, prompt_mask, rng):
-    return sample_and_score(nnx.merge(policy_graphdef, policy_params),
-                            nnx.merge(reward_graphdef, reward_params), prompt_ids, prompt_mask,
-                            rng, settings)
+    reward_model = None if reward_graphdef is None else nnx.merge(reward_graphdef,
+                                                                   reward_params)
+    return sample_and_score(nnx.merge(policy_graphdef, policy_params), reward_model,
+                            prompt_ids, prompt_mask, rng, settings)
+
+
+def response_texts(tokens: np.ndarray, response_mask: np.ndarray, tokenizer: Tokenizer
+                   ) -> list[str]:
+    """Each response `[N, R]` decoded, without its EOS (what a rule reward judges and what a
+    cache file shows)."""
+    eos = np.asarray(tokenizer.eos_token_ids)
+    return [tokenizer.decode(row[keep & ~np.isin(row, eos)].tolist())
+            for row, keep in zip(tokens, response_mask, strict=True)]
 
 
 @dataclass
@@ -146,23 +159,28 @@ class ScoredSamples:
 
     def texts(self, tokenizer: Tokenizer) -> list[list[str]]:
         """Each response decoded, without its EOS: `[n][num_samples]`."""
-        return [[tokenizer.decode(ids) for ids in row] for row in self.response_ids(tokenizer)]
+        n, k, length = self.tokens.shape
+        flat = response_texts(self.tokens.reshape(n * k, length),
+                              self.response_mask.reshape(n * k, length), tokenizer)
+        return [flat[i * k:(i + 1) * k] for i in range(n)]
 
 
-def sample_prompts(policy: GlmForCausalLM, reward_model: GlmRewardModel,
+def sample_prompts(policy: GlmForCausalLM, reward_model: GlmRewardModel | None,
                    prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, num_samples: int,
                    batch_size: int, settings: SamplingSettings, seed: int, mesh: Mesh,
                    desc: str = "sampling") -> ScoredSamples:
     """`num_samples` scored responses for each of the `[n, P]` prompts, `batch_size` rows per
     compiled call (a short last batch is padded, so one program serves every call). The
-    result depends only on (params, prompts, settings, seed, batch_size).
+    result depends only on (params, prompts, settings, seed, batch_size). Without a reward
+    model the rewards are zeros (rule rewards score the texts afterwards).
 
     SIGTERM / SIGINT abandon the sampling (the callers write their caches and outputs only
     from a complete result) and exit 0 as the training loop does; a rerun samples again."""
     n = len(prompt_ids)
     rows = np.repeat(np.arange(n), num_samples)  # prompt of each (prompt, sample) row
     policy_graphdef, policy_params = nnx.split(policy)
-    reward_graphdef, reward_params = nnx.split(reward_model)
+    reward_graphdef, reward_params = (nnx.split(reward_model) if reward_model is not None
+                                      else (None, None))
     key = jax.random.key(seed)
     numbers = itertools.count()  # map_batches calls once per batch, in order
 
