@@ -75,6 +75,16 @@ def test_stage_settings_follow_the_stages_inputs_and_skip_runtime_fields():
         "seed", *(k for k in ppo if k.startswith("pipeline.") and k != "pipeline.bucket_edges"
                   and k != "pipeline.annotate_samples")}
     assert "dpo.beta" in stage_settings(config, "report")
+    # GRPO against the reward model reads it; GRPO on the gold reward does not.
+    grpo, gold = stage_settings(config, "grpo"), stage_settings(config, "grpo_gold")
+    assert grpo["ppo.kl_coef"] == gold["ppo.kl_coef"] == 0.1 and grpo["rm.num_steps"] == 250
+    assert "rm.num_steps" not in gold and gold["sft.num_steps"] == 1200
+
+
+def test_grpo_stages_need_ppo_sequences_divisible_by_their_group_size(tmp_path):
+    with pytest.raises(ValueError, match=r"30 sequences per PPO iteration.*multiple of 4"):
+        Pipeline(config_with(**{"ppo.batch_size": 30, "ppo.minibatch_size": 10}), tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_rerun_with_same_settings_skips_every_stage(tmp_path, instant, capsys):
@@ -256,7 +266,7 @@ def test_reference_reward_figure_has_both_panels(tmp_path):
     raw, eq5 = figure["panels"]
     assert "raw reward" in raw["title"] and "reference reward (eq. 5)" in eq5["title"]
     for panel in figure["panels"]:
-        assert (panel["xlabel"], panel["ylabel"]) == ("PPO iteration", "reward")
+        assert (panel["xlabel"], panel["ylabel"]) == ("RL iteration", "reward")
         assert panel["legend"] == ["PPO", "PPO w/o reference reward"]
     # Moving averages over a tenth of the iterations, ending at each window's last iteration.
     series = eq5["series"]["PPO"]
@@ -266,6 +276,21 @@ def test_reference_reward_figure_has_both_panels(tmp_path):
     assert series["x"][0] == 6 and series["x"][-1] == 60 and len(series["x"]) == 55
     # Without the reference reward there is nothing to subtract: both panels agree.
     assert eq5["series"]["PPO w/o reference reward"] == raw["series"]["PPO w/o reference reward"]
+
+
+def test_gold_reward_run_gets_a_panel_of_its_own(tmp_path):
+    """GRPO on the gold reward trains on gold quality, not the reward model's score: it is
+    plotted apart from the reward-model runs, with its own y-axis label."""
+    curves = {"ppo": ppo_curve(60, 1.0, 0.5, 0.9, 0), "grpo": ppo_curve(60, 1.0, 0.4, 0.9, 1),
+              "grpo_gold": ppo_curve(60, 0.5, 0.2, 0.0, 2)}
+    raw, eq5, gold = report.reference_reward_figure(curves, tmp_path / "fig4.png")["panels"]
+    for panel in (raw, eq5):
+        assert panel["legend"] == ["PPO", "GRPO"] and panel["ylabel"] == "reward"
+    assert gold["legend"] == ["GRPO on the gold reward (RLVR)"]
+    assert gold["ylabel"] == "gold quality" and "not the RM's scale" in gold["title"]
+    expected = np.convolve([r["reward"] for r in curves["grpo_gold"]], np.ones(6) / 6,
+                           mode="valid")
+    np.testing.assert_allclose(gold["series"]["GRPO on the gold reward (RLVR)"]["y"], expected)
 
 
 def synthetic_results(rng, n=120):
@@ -284,6 +309,7 @@ def synthetic_results(rng, n=120):
     policies = {"sft": (sft_gold, tokens), "ppo": (sft_gold + 0.1 + rng.normal(0, 0.05, n),
                                                     tokens + 1 + rng.normal(0, 0.2, n)),
                 "ppo_no_ref": (sft_gold, tokens), "ppo_no_sft": (sft_gold, tokens),
+                "grpo": (sft_gold, tokens), "grpo_gold": (sft_gold + 0.2, tokens),
                 "dpo": (sft_gold + rng.normal(0, 0.1, n), tokens + rng.normal(0, 0.5, n))}
     capability = [{"correct": True}] * 10
     evaluate = {name: {"rows": rows(*values), "capability": capability}
@@ -312,7 +338,9 @@ def synthetic_results(rng, n=120):
 def test_report_verdicts_and_intervals(tmp_path):
     results = synthetic_results(np.random.default_rng(0))
     for name, curve in (("ppo", ppo_curve(60, 1.0, 0.5, 0.95, 2)),
-                        ("ppo_no_ref", ppo_curve(60, 1.0, 0.5, 0.0, 3))):
+                        ("ppo_no_ref", ppo_curve(60, 1.0, 0.5, 0.0, 3)),
+                        ("grpo", ppo_curve(60, 1.0, 0.5, 0.95, 4)),
+                        ("grpo_gold", ppo_curve(60, 0.5, 0.2, 0.0, 5))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.jsonl").write_text(
             "".join(json.dumps(row) + "\n" for row in curve))
@@ -339,6 +367,16 @@ def test_report_verdicts_and_intervals(tmp_path):
              f"{gold['high']:+.3f}]")
     assert shown in markdown and "| **inconclusive** |" in markdown
     assert "1000 resamples" in markdown
+    # The GRPO runs get rows in Tables 4 and 6 and Figure 4's table, and no verdicts: the
+    # gold-reward run beats SFT on every prompt (+0.2), and its reward is labelled gold quality.
+    assert "| GRPO on the gold reward (RLVR) | all | 1.000 | 0.000 | 0.000 |" in markdown
+    assert data["win_tie_loss"]["grpo"]["all"]["tie"] == 1.0
+    for name in ("grpo", "grpo_gold"):
+        assert f"| {report.LABELS[name]} | {data['response_tokens'][name]:.3f} |" in markdown
+    assert data["reference_reward"]["grpo_gold"]["last_kl"] == pytest.approx(0.59)
+    assert "| GRPO on the gold reward (RLVR) | gold quality |" in markdown
+    assert "| GRPO | reward model |" in markdown
+    assert not any("grpo" in name for name in data["intervals"])
     # Seeded by config.seed: the same report again.
     again = report.write_report(tmp_path, results, config_with())
     assert again["findings"] == summary["findings"]

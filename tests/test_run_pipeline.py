@@ -119,6 +119,36 @@ def test_report_numbers_match_the_stage_outputs(pipeline_run):
     assert 0.5 < bayes < 1 and report["reward_model"]["rm"]["test_accuracy"] <= 1
 
 
+def test_grpo_runs_are_evaluated_and_reported(pipeline_run):
+    """GRPO against the reward model and on the gold reward: as many sequences per iteration
+    as PPO (4 per prompt), as many iterations, no critic; rows with finite numbers in Tables
+    4 and 6 and in Figure 4's table, the gold run's reward being gold quality in [0, 1]."""
+    workdir, summary = pipeline_run
+    report = json.loads(Path(summary["json"]).read_text())
+    markdown = Path(summary["markdown"]).read_text()
+    config = reduced_config()
+    for name, label in (("grpo", "GRPO"), ("grpo_gold", "GRPO on the gold reward (RLVR)")):
+        made = json.loads((workdir / name / "config.json").read_text())["ppo"]
+        assert (made["algorithm"], made["num_generations"], made["batch_size"],
+                made["kl_kind"]) == ("grpo", 4, config.ppo.batch_size // 4, "k3")
+        curve = lines(workdir / name / "metrics.jsonl")
+        assert curve[-1]["step"] == config.ppo.num_steps
+        assert "value_loss" not in curve[-1] and "kl_loss" in curve[-1]
+        rows = lines(workdir / "evaluate" / f"{name}.jsonl")
+        assert report["gold_quality"][name] == pytest.approx(np.mean([r["gold"] for r in rows]))
+        wtl = report["win_tie_loss"][name]["all"]
+        assert wtl["win"] + wtl["tie"] + wtl["loss"] == pytest.approx(1.0)
+        numbers = [*wtl.values(), report["response_tokens"][name],
+                   report["greedy_gold_quality"][name], report["capability_accuracy"][name],
+                   *report["reference_reward"][name].values()]
+        assert all(np.isfinite(numbers)), numbers
+        assert f"| {label} | all | {wtl['win']:.3f} |" in markdown
+        assert f"| {label} | {report['response_tokens'][name]:.3f} |" in markdown
+    gold_curve = lines(workdir / "grpo_gold" / "metrics.jsonl")
+    assert all(0.0 <= r["reward"] <= 1.0 for r in gold_curve)
+    assert "| GRPO on the gold reward (RLVR) | gold quality |" in markdown
+
+
 def test_ppo_beats_sft_on_gold_quality(pipeline_run):
     _, summary = pipeline_run
     gold = json.loads(Path(summary["json"]).read_text())["gold_quality"]

@@ -18,9 +18,14 @@ from ml_collections import ConfigDict
 from glm_jax.pipeline.world import TASKS
 from glm_jax.train.workdir import write_file
 
-RL_POLICIES = ("ppo", "dpo", "ppo_no_ref", "ppo_no_sft")
+RL_POLICIES = ("ppo", "dpo", "grpo", "grpo_gold", "ppo_no_ref", "ppo_no_sft")
 LABELS = {"sft": "SFT", "ppo": "PPO", "dpo": "DPO", "ppo_no_ref": "PPO w/o reference reward",
-          "ppo_no_sft": "PPO w/o SFT loss"}
+          "ppo_no_sft": "PPO w/o SFT loss", "grpo": "GRPO",
+          "grpo_gold": "GRPO on the gold reward (RLVR)"}
+# The RL runs whose training reward is the world's gold quality (a rule), not the reward
+# model's score: another scale, plotted apart.
+GOLD_REWARD_RUNS = ("grpo_gold",)
+CURVES = ("ppo", "ppo_no_ref", "grpo", "grpo_gold")  # the runs in Figure 4
 SECTIONS = ("Data statistics", "Reward model accuracy", "Gold-quality win/tie/loss against SFT",
             "Response length", "Reference reward", "Capability retention",
             "Reward distributions per task", "Findings")
@@ -149,32 +154,41 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def reference_reward_figure(curves: dict[str, list[dict]], path: str | Path
                             ) -> dict[str, Any]:
-    """Figure 4 as a PNG at `path`: per PPO run (`curves`: its metrics.jsonl rows), the raw
-    reward beside the reward minus the reference reward (eq. 5: what the run with the
-    reference reward trains on; the run without has none to subtract), each a moving average
-    over a tenth of the iterations. Returns what each panel shows: title, axis labels, legend
-    and the plotted (x, y) series per run."""
+    """Figure 4 as a PNG at `path`: per RL run (`curves`: its metrics.jsonl rows), the raw
+    reward beside the reward minus the reference reward (eq. 5: what PPO with the reference
+    reward trains on; a run without has none to subtract), each a moving average over a tenth
+    of the iterations. The runs of `GOLD_REWARD_RUNS` train on the gold quality, not on the
+    reward model's score: their reward gets a third panel of its own scale. Returns what each
+    panel shows: title, axis labels, legend and the plotted (x, y) series per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = {"reward": "raw reward (reward model)",
-            "reward_minus_reference": "reward minus reference reward (eq. 5)"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    model = {n: c for n, c in curves.items() if n not in GOLD_REWARD_RUNS}
+    gold = {n: c for n, c in curves.items() if n in GOLD_REWARD_RUNS}
+    plotted = [("raw reward (reward model)", "reward", "reward", model),
+               ("reward minus reference reward (eq. 5)", "reward_minus_reference", "reward",
+                model)]
+    if gold:
+        plotted.append(("gold quality (rule reward, not the RM's scale)", "reward",
+                        "gold quality", gold))
+    fig, axes = plt.subplots(1, len(plotted), figsize=(5 * len(plotted), 3.6))
+    axes[1].sharey(axes[0])  # the reward model's scale
+    colors = {name: f"C{i}" for i, name in enumerate(curves)}  # a run's in every panel
     panels = []
-    for ax, (key, title) in zip(axes, keys.items(), strict=True):
+    for ax, (title, key, ylabel, runs) in zip(axes, plotted, strict=True):
         series = {}
-        for name, rows in curves.items():
+        for name, rows in runs.items():
             window = _window(rows)
             x = [r["step"] for r in rows][window - 1:]
             y = moving_average(_values(rows, key), window)
-            ax.plot(x, y, label=LABELS[name])
+            ax.plot(x, y, label=LABELS[name], color=colors[name])
             series[LABELS[name]] = {"x": x, "y": y.tolist()}
         ax.axhline(0.0, color="grey", linewidth=0.5)
         ax.set_title(title)
-        ax.set_xlabel("PPO iteration")
-        ax.set_ylabel("reward")
+        ax.set_xlabel("RL iteration")
+        ax.set_ylabel(ylabel)
         ax.legend()
         panels.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(),
                        "ylabel": ax.get_ylabel(),
@@ -255,7 +269,7 @@ def write_report(workdir: str | Path, results: dict[str, Any], config: ConfigDic
         for name in evaluate}
 
     # Figure 4 and Figure 3.
-    curves = {name: c for name in ("ppo", "ppo_no_ref") if (c := _metrics(workdir, name))}
+    curves = {name: c for name in CURVES if (c := _metrics(workdir, name))}
     data["reference_reward"] = {name: _reward_ends(c) for name, c in curves.items()}
     rewards = {t: [r["reward"] for r in rows["sft"] if r["task"] == t] for t in TASKS}
     data["reward_distributions"] = {t: {"mean": float(np.mean(v)), "std": float(np.std(v))}
@@ -304,7 +318,7 @@ def intervals(results: dict[str, Any], curves: dict[str, list[dict]], seed: int
     out["task_reward_gap"] = {
         **bootstrap_interval(rewards[top], rewards[bottom], paired=False, seed=[seed, len(out)]),
         "tasks": [top, bottom]}
-    if set(curves) == {"ppo", "ppo_no_ref"}:
+    if {"ppo", "ppo_no_ref"} <= set(curves):
         first = {}
         for name, key in (("ppo", "reward_minus_reference"), ("ppo_no_ref", "reward")):
             values = _values(curves[name], key)
@@ -312,7 +326,8 @@ def intervals(results: dict[str, Any], curves: dict[str, list[dict]], seed: int
         out["first_abs_reward_ppo_minus_ppo_no_ref"] = curve_interval(
             first["ppo"][0], first["ppo_no_ref"][0], first["ppo"][1], first["ppo_no_ref"][1],
             absolute=True)
-        for name, curve in curves.items():
+        for name in ("ppo", "ppo_no_ref"):
+            curve = curves[name]
             values, window = _values(curve, "reward"), _window(curve)
             sd = _noise_sd(values)
             out[f"reward_gain_{name}"] = curve_interval(values[-window:], values[:window], sd,
@@ -433,7 +448,9 @@ def render_markdown(data: dict[str, Any]) -> str:
               f"Each policy answers every held-out prompt {setting['eval_samples']} times, "
               f"sampled as in PPO's rollouts (temperature {setting['temperature']}, top-k "
               f"{setting['top_k']}, top-p {setting['top_p']}); a prompt's gold quality is the "
-              "mean over its samples, and a win is a higher mean than SFT's on that prompt.",
+              "mean over its samples, and a win is a higher mean than SFT's on that prompt. "
+              "GRPO on the gold reward optimises this gold quality itself (RLVR): a ceiling "
+              "for the runs that optimise the reward model, not an RLHF result.",
               _table(["policy", "task", "win", "tie", "loss", "mean gold", "SFT mean gold"],
                      rows)]
     parts += ["## Response length (Table 6)",
@@ -446,12 +463,17 @@ def render_markdown(data: dict[str, Any]) -> str:
               f"![reward and reward minus reference reward]"
               f"({Path(data['figures']['reference_reward']).name})",
               "The raw reward and the reward minus the reference reward (eq. 5, what PPO with "
-              "the reference reward trains on; the run without has none to subtract), moving "
-              "averages over a tenth of the iterations. First and last reward: means over the "
-              "first and the last tenth of the iterations.",
-              _table(["run", "first reward", "last reward", "last KL", "max KL"],
-                     [[LABELS[n], r["first_reward"], r["last_reward"], r["last_kl"],
-                       r["max_kl"]] for n, r in ref.items()])]
+              "the reference reward trains on; the run without has none to subtract; GRPO's "
+              "group baseline cancels it), moving averages over a tenth of the iterations. "
+              f"{' and '.join(LABELS[n] for n in GOLD_REWARD_RUNS)} trains on the world's gold "
+              "quality (in [0, 1]) instead of the reward model's score: its rewards, in their "
+              "own panel, are on another scale. First and last reward: means over the first and "
+              "the last tenth of the iterations. KL: summed over the response tokens, each "
+              "run's estimator (config.ppo.kl_kind for PPO, k3 for GRPO).",
+              _table(["run", "reward", "first reward", "last reward", "last KL", "max KL"],
+                     [[LABELS[n], "gold quality" if n in GOLD_REWARD_RUNS else "reward model",
+                       r["first_reward"], r["last_reward"], r["last_kl"], r["max_kl"]]
+                      for n, r in ref.items()])]
     parts += ["## Capability retention",
               _table(["policy", "capability-set accuracy"],
                      [[LABELS[n], v] for n, v in data["capability_accuracy"].items()])]

@@ -1,9 +1,11 @@
 """The whole ChatGLM-RLHF pipeline in miniature, stage by stage, in one work directory.
 
 world -> sft -> annotate -> clean -> rm (+ rm_unbalanced) -> ppo (+ ppo_no_ref, ppo_no_sft)
--> dpo -> evaluate -> report. Each stage is one of the library's programs (train_sft,
-train_reward_model, train_ppo, train_dpo) run on a config derived from the given one; the
-PPO stages compute their reference responses and prompt filter themselves (paper 3.4).
+-> grpo (+ grpo_gold) -> dpo -> evaluate -> report. Each stage is one of the library's
+programs (train_sft, train_reward_model, train_ppo, train_dpo) run on a config derived from
+the given one; the PPO stages compute their reference responses and prompt filter themselves
+(paper 3.4). grpo is GRPO against the reward model, grpo_gold GRPO on the world's gold
+quality as a rule reward (RLVR: the ground truth itself, a ceiling for the reward-model runs).
 
 Each stage records the settings it is made with (`stage_settings`: the config fields it and
 the stages whose outputs it reads depend on) in `WORKDIR/<stage>/settings.json` before it
@@ -49,8 +51,11 @@ from glm_jax.pipeline.world import (
 )
 from glm_jax.train.workdir import holds_workdir, write_file
 
-POLICIES = ("sft", "ppo", "ppo_no_ref", "ppo_no_sft", "dpo")
+POLICIES = ("sft", "ppo", "ppo_no_ref", "ppo_no_sft", "grpo", "grpo_gold", "dpo")
 SAMPLE_ROWS = 1024  # rows per compiled sampling call
+# The GRPO stages' responses per prompt: they sample as many sequences per iteration as PPO,
+# from this many times fewer prompts.
+GRPO_GENERATIONS = 4
 SETTINGS_FILE = "settings.json"
 
 # What each stage depends on: the config fields (a section name stands for all its fields)
@@ -67,9 +72,11 @@ STAGE_DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ppo": (("ppo",), ("rm",)),
     "ppo_no_ref": (("ppo", "pipeline.ablation_steps"), ("rm",)),
     "ppo_no_sft": (("ppo", "pipeline.ablation_steps"), ("rm",)),
+    "grpo": (("ppo",), ("rm",)),
+    "grpo_gold": (("ppo",), ("sft",)),  # the world's prompts, the SFT policy; no reward model
     "dpo": (("dpo",), ("rm",)),
     "evaluate": (("pipeline.eval_samples", *_SAMPLING), ("ppo", "ppo_no_ref", "ppo_no_sft",
-                                                         "dpo")),
+                                                         "grpo", "grpo_gold", "dpo")),
     "report": ((), ("rm_unbalanced", "evaluate")),
 }
 # Fields that do not change what a stage makes: how it runs (mesh, hosts, layer
@@ -169,6 +176,12 @@ class Pipeline:
 
     def __init__(self, config: ConfigDict, workdir: str | Path, *, force: bool = False):
         validate_config(config)
+        sequences = config.ppo.batch_size * config.ppo.num_generations
+        if sequences % GRPO_GENERATIONS:
+            raise ValueError(
+                f"config.ppo.batch_size x num_generations = {sequences} sequences per PPO "
+                f"iteration: the GRPO stages sample as many, {GRPO_GENERATIONS} per prompt, so "
+                f"it must be a multiple of {GRPO_GENERATIONS}")
         self.config, self.workdir, self.force = config, Path(workdir), force
         self.data = self.workdir / "data"
         self.results: dict[str, Any] = {}
@@ -347,6 +360,31 @@ class Pipeline:
     def ppo_no_sft(self) -> dict[str, Any]:
         return self._ppo("ppo_no_sft", **{"ppo.sft_coef": 0.0}, **self._ablation("ppo"))
 
+    def _grpo(self, name: str, **updates: Any) -> dict[str, Any]:
+        """GRPO with PPO's settings otherwise (prompts, iterations, SFT loss, KL coefficient):
+        as many sequences per iteration, `GRPO_GENERATIONS` per prompt, and the KL against
+        the reference policy as GRPO's k3 loss term."""
+        ppo = self.config.ppo
+        return self._ppo(name, **{
+            "ppo.algorithm": "grpo", "ppo.num_generations": GRPO_GENERATIONS,
+            "ppo.batch_size": ppo.batch_size * ppo.num_generations // GRPO_GENERATIONS,
+            "ppo.kl_kind": "k3", "ppo.kl_in": "loss", **updates})
+
+    def grpo(self) -> dict[str, Any]:
+        """Against the reward model, with PPO's prompt filter and reference reward (the same
+        for a prompt's responses, so GRPO's group baseline cancels it; it is logged as in
+        PPO's runs)."""
+        return self._grpo("grpo")
+
+    def grpo_gold(self) -> dict[str, Any]:
+        """On the world's gold quality as the reward (`glm_jax.rewards.world_gold`, in [0, 1]),
+        no reward model: the ceiling of what optimising the reward model's stand-in could
+        reach. No reference reward (GRPO's group baseline cancels it) and no prompt filter: it
+        trains on every RL prompt."""
+        return self._grpo("grpo_gold", **{"ppo.reward_rule": "world_gold",
+                                          "ppo.reward_model": "", "ppo.reference_reward": False,
+                                          "ppo.filter_samples": 0})
+
     def dpo(self) -> dict[str, Any]:
         from glm_jax.train.dpo import train_dpo
 
@@ -418,7 +456,7 @@ class Pipeline:
     # --- driver ---------------------------------------------------------------------------
 
     STAGES = ("world", "sft", "annotate", "clean", "rm", "rm_unbalanced", "ppo", "ppo_no_ref",
-              "ppo_no_sft", "dpo", "evaluate", "report")
+              "ppo_no_sft", "grpo", "grpo_gold", "dpo", "evaluate", "report")
 
     def changed_stage(self) -> tuple[str, str] | None:
         """The first stage begun in the work directory whose recorded settings are not this
