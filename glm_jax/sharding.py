@@ -36,6 +36,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),  # norm scales are tiny; replicating them avoids an all-gather per layer
     ("cache_length", None),
     ("layers", None),  # stacked layers (scan): every device holds its shard of every layer
+    ("lora_rank", None),  # a low-rank adapter's rank: a few dozen, replicated
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 

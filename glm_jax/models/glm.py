@@ -14,6 +14,7 @@ only its own sequence, whose positions restart at 0, as if it ran alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # every activation; "full" keeps only each layer's input and recomputes the rest; "save_dots"
 # keeps the matmul outputs (no batch dims: the projections and MLP, not attention's scores)
 # and recomputes the cheap elementwise work in between.
+# The projections a low-rank adapter can be put on (`GlmConfig.lora_targets`): attention's q,
+# k, v and o, the MLP's gate, up and down. gate and up share one A factor, as they do in
+# transformers' fused `gate_up_proj` (and so in PEFT's adapters for it).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -72,6 +78,12 @@ class GlmConfig:
     # Positions per chunk when training programs compute log-probs from hidden states: the
     # float32 logits exist for [batch, vocab_chunk, vocab] at a time, never the whole sequence.
     vocab_chunk: int = 512
+    # Low-rank adapters (LoRA): rank 0 is none. With a rank, each projection of `lora_targets`
+    # gains `W x + (lora_alpha / lora_rank) B A x` with A `[rank, in]` and B `[out, rank]` as
+    # `LoRAParam`s (B starts at zero: the model starts as the base).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
@@ -89,6 +101,12 @@ class GlmConfig:
             raise ValueError(f"partial_rotary_factor = {self.partial_rotary_factor} with "
                              f"head_dim = {self.head_dim} gives an invalid rotary dim "
                              f"{self.rotary_dim}")
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if self.lora_rank < 0 or unknown or (self.lora_rank > 0) != bool(self.lora_targets):
+            raise ValueError(f"lora_rank = {self.lora_rank}, lora_targets = "
+                             f"{list(self.lora_targets)}: the rank is >= 1 with targets among "
+                             f"{', '.join(LORA_TARGETS)} (or 0 with none)"
+                             + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
 
     @property
     def model_type(self) -> str:
@@ -97,6 +115,14 @@ class GlmConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def without_lora(self) -> GlmConfig:
+        """The base model's config: the same model with no adapters."""
+        return self.replace(lora_rank=0, lora_targets=())
 
     @property
     def compute_dtype(self) -> Any:
@@ -145,6 +171,34 @@ def _param(rngs: nnx.Rngs, init: Any, shape: Sequence[int], axes: Sequence[str |
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
+class LoRAParam(nnx.Param):
+    """A factor of a low-rank adapter: what LoRA training updates, the base `nnx.Param`s
+    staying frozen. `nnx.split(model, LoRAParam, ...)` separates them."""
+
+
+def _lora_pair(rngs: nnx.Rngs, config: GlmConfig, a_shape: Sequence[int],
+               a_axes: Sequence[str | None], b_shape: Sequence[int],
+               b_axes: Sequence[str | None]) -> tuple[LoRAParam, LoRAParam]:
+    """(A, B): A `[rank, *in]` uniform in +-1/sqrt(fan_in) (PEFT's kaiming-uniform with
+    a = sqrt(5)), B `[*out, rank]` zero. Always float32: adapters are trained weights."""
+    fan_in = math.prod(a_shape[1:])
+    bound = 1.0 / math.sqrt(fan_in)
+    a = jax.random.uniform(rngs.params(), tuple(a_shape), jnp.float32, -bound, bound)
+    return (LoRAParam(a, logical_axes=("lora_rank", *a_axes)),
+            LoRAParam(jnp.zeros(tuple(b_shape), jnp.float32),
+                      logical_axes=(*b_axes, "lora_rank")))
+
+
+def _low_rank(x: jax.Array, a: nnx.Variable, b: nnx.Variable, x_dims: str, out_dims: str,
+              scale: float) -> jax.Array:
+    """`scale * B A x` for x `[batch, length, *x_dims]` -> `[batch, length, *out_dims]`; the
+    rank-sized product first, so it costs 2 x rank x (in + out) FLOPs per token."""
+    dtype = x.dtype
+    low = jnp.einsum(f"bt{x_dims},r{x_dims}->btr", x, a[...].astype(dtype))
+    return jnp.einsum(f"btr,{out_dims}r->bt{out_dims}", low * jnp.asarray(scale, dtype),
+                      b[...].astype(dtype))
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs):
         self.eps = config.rms_norm_eps
@@ -172,7 +226,7 @@ def apply_rotary(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: flo
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs, lora_rngs: nnx.Rngs):
         self.config = config
         e, h, k, d = (config.hidden_size, config.num_attention_heads,
                       config.num_key_value_heads, config.head_dim)
@@ -189,10 +243,24 @@ class Attention(nnx.Module):
             self.q_bias = _param(rngs, zeros, (h, d), ("heads", "head_dim"), config)
             self.k_bias = _param(rngs, zeros, (k, d), ("kv_heads", "head_dim"), config)
             self.v_bias = _param(rngs, zeros, (k, d), ("kv_heads", "head_dim"), config)
+        r, targets = config.lora_rank, config.lora_targets
+        for name, heads, axis in (("q", h, "heads"), ("k", k, "kv_heads"), ("v", k, "kv_heads")):
+            if name in targets:
+                a, b = _lora_pair(lora_rngs, config, (r, e), ("embed",), (heads, d, r),
+                                  (axis, "head_dim"))
+                setattr(self, f"{name}_lora_a", a)
+                setattr(self, f"{name}_lora_b", b)
+        if "o" in targets:
+            self.o_lora_a, self.o_lora_b = _lora_pair(
+                lora_rngs, config, (r, h, d), ("heads", "head_dim"), (e, r), ("embed",))
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
         dtype = self.config.compute_dtype
         y = jnp.einsum("bte,hde->bthd", x, getattr(self, f"{name}_kernel")[...].astype(dtype))
+        if hasattr(self, f"{name}_lora_a"):
+            y = y + _low_rank(x, getattr(self, f"{name}_lora_a"),
+                              getattr(self, f"{name}_lora_b"), "e", "hd",
+                              self.config.lora_scale)
         if self.config.attention_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
         return y
@@ -234,33 +302,59 @@ class Attention(nnx.Module):
         out = attention(q, k, v, q_slots=q_slots, kv_mask=kv_mask, segment_ids=segment_ids,
                         implementation=implementation)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        out = jnp.einsum("bthd,ehd->bte", out, self.o_kernel[...].astype(cfg.compute_dtype))
-        return out, layer_kv
+        projected = jnp.einsum("bthd,ehd->bte", out, self.o_kernel[...].astype(cfg.compute_dtype))
+        if hasattr(self, "o_lora_a"):
+            projected = projected + _low_rank(out, self.o_lora_a, self.o_lora_b, "hd", "e",
+                                              cfg.lora_scale)
+        return projected, layer_kv
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs, lora_rngs: nnx.Rngs):
         self.config = config
         e, m = config.hidden_size, config.intermediate_size
         init = nnx.initializers.normal(config.initializer_range)
         self.gate_kernel = _param(rngs, init, (m, e), ("mlp", "embed"), config)
         self.up_kernel = _param(rngs, init, (m, e), ("mlp", "embed"), config)
         self.down_kernel = _param(rngs, init, (e, m), ("embed", "mlp"), config)
+        r, targets = config.lora_rank, config.lora_targets
+        if "gate" in targets or "up" in targets:  # one A for both, as in `gate_up_proj`
+            self.gate_up_lora_a, _ = _lora_pair(lora_rngs, config, (r, e), ("embed",),
+                                                (m, r), ("mlp",))
+            for name in ("gate", "up"):
+                if name in targets:
+                    setattr(self, f"{name}_lora_b", LoRAParam(
+                        jnp.zeros((m, r), jnp.float32), logical_axes=("mlp", "lora_rank")))
+        if "down" in targets:
+            self.down_lora_a, self.down_lora_b = _lora_pair(lora_rngs, config, (r, m), ("mlp",),
+                                                            (e, r), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.config.compute_dtype
+        cfg = self.config
+        dtype = cfg.compute_dtype
         gate = jnp.einsum("bte,me->btm", x, self.gate_kernel[...].astype(dtype))
         up = jnp.einsum("bte,me->btm", x, self.up_kernel[...].astype(dtype))
+        if hasattr(self, "gate_up_lora_a"):
+            low = jnp.einsum("bte,re->btr", x, self.gate_up_lora_a[...].astype(dtype))
+            low = low * jnp.asarray(cfg.lora_scale, dtype)
+            if hasattr(self, "gate_lora_b"):
+                gate = gate + jnp.einsum("btr,mr->btm", low, self.gate_lora_b[...].astype(dtype))
+            if hasattr(self, "up_lora_b"):
+                up = up + jnp.einsum("btr,mr->btm", low, self.up_lora_b[...].astype(dtype))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("btm,em->bte", hidden, self.down_kernel[...].astype(dtype))
+        out = jnp.einsum("btm,em->bte", hidden, self.down_kernel[...].astype(dtype))
+        if hasattr(self, "down_lora_a"):
+            out = out + _low_rank(hidden, self.down_lora_a, self.down_lora_b, "m", "e",
+                                  cfg.lora_scale)
+        return out
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GlmConfig, *, rngs: nnx.Rngs, lora_rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(config, rngs=rngs)
-        self.self_attn = Attention(config, rngs=rngs)
+        self.self_attn = Attention(config, rngs=rngs, lora_rngs=lora_rngs)
         self.post_attention_layernorm = RMSNorm(config, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs, lora_rngs=lora_rngs)
         self.use_post_norms = config.use_post_norms
         if config.use_post_norms:
             self.post_self_attn_layernorm = RMSNorm(config, rngs=rngs)
@@ -317,9 +411,12 @@ class GlmModel(nnx.Module):
         self.embed_tokens = _param(rngs, nnx.initializers.normal(config.initializer_range),
                                    (config.vocab_size, config.hidden_size), ("vocab", "embed"),
                                    config)
+        # The adapters draw from a stream of their own, so a seed gives the same base weights
+        # with or without them.
+        lora_rngs = nnx.Rngs(jax.random.fold_in(rngs.params.key[...], 0x10A))
         # One DecoderLayer whose parameters carry a leading `layers` axis. Each layer is
         # initialised on its own, in order, so a seed gives the same weights as before stacking.
-        self.layers = stack_layers([DecoderLayer(config, rngs=rngs)
+        self.layers = stack_layers([DecoderLayer(config, rngs=rngs, lora_rngs=lora_rngs)
                                     for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config, rngs=rngs)
 
