@@ -13,7 +13,14 @@ its weights load). The models' shapes come from the table below, so no checkpoin
 Sizes: sft / rm / dpo run `--batch` sequences (pairs for rm and dpo) of `--tokens` tokens
 (half prompt, half response); ppo runs `--ppo-prompts` prompts of `--ppo-tokens` prompt +
 response tokens, minibatches of `--ppo-minibatch`, `--ppo-epochs` epochs, with the SFT term
-(eq. 6) on. `--config-ppo` adds a row with each config file's own PPO settings.
+(eq. 6) on. `--config-ppo` adds a row with each config file's own PPO settings. `--lora R`
+puts rank-R adapters on q, k, v, o, gate, up and down of every trained model (alpha 2R): the
+bases frozen in the config's frozen_dtype, the PPO critic sharing the reward model's backbone
+(critic_init "reward"), the reference the policy's base (no copy).
+
+    python benchmarks/memory.py --models glm4_9b --programs dpo,ppo --lora 16
+    python benchmarks/memory.py --models glm4_9b --programs dpo,ppo --lora 16 --mesh gpu1 \
+        --devices 1 --ppo-prompts 8 --tokens 2048      # one 80 GiB GPU
 """
 
 from __future__ import annotations
@@ -76,6 +83,9 @@ def sized(config: ConfigDict, program: str, args: argparse.Namespace, tokens: in
     config = ConfigDict(config.to_dict())
     if args.layers:
         config.model.tiny.num_hidden_layers = args.layers
+    if args.lora:
+        config.model.lora.update(rank=args.lora, alpha=2.0 * args.lora,
+                                 targets="q,k,v,o,gate,up,down")
     if program == "ppo":
         if not own_ppo:
             half = args.ppo_tokens // 2
@@ -108,7 +118,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             config, batch, tokens = sized(base, program, args, tokens, own_settings)
             result = compile_program(config, program, mesh)
             cost = result.cost
-            row = dict(model=model, program=program if not own_settings else "ppo (config)",
+            name = program if not own_settings else "ppo (config)"
+            row = dict(model=model, program=f"{name} lora{args.lora}" if args.lora else name,
                        mesh=mesh_name, layers=config.model.tiny.num_hidden_layers,
                        batch=batch, tokens=tokens,
                        argument_gib=round(cost.argument_bytes / GIB, 3),
@@ -141,6 +152,8 @@ def main() -> None:
                         help="also each config file's own PPO settings")
     parser.add_argument("--layers", type=int, default=0, help="override the layer count")
     parser.add_argument("--remat", default="", help="override config.model.remat")
+    parser.add_argument("--lora", type=int, default=0,
+                        help="LoRA rank on every trained model (0: full fine-tuning)")
     parser.add_argument("--json", action="store_true", help="print one JSON list")
     args = parser.parse_args()
     if not args.json:

@@ -234,8 +234,9 @@ def main() -> None:
         # The phases on their own: separately jitted, device arrays in and out.
         rollout_fn = jax.jit(program.rollout)
         score_fn = jax.jit(program.score)
-        update_fn = jax.jit(lambda state, experience: program.update(state, experience, None),
-                            out_shardings=(state_sharding, None), donate_argnums=0)
+        update_fn = jax.jit(lambda state, frozen, experience: program.update(
+            state, frozen, experience, None), out_shardings=(state_sharding, None),
+            donate_argnums=0)
         # Round 0 compiles (the warm-up); rounds 1..N are timed. The variants alternate within
         # each round, so a change in the machine's load hits them alike. The one state
         # threads through every call (each donates it); the work of an iteration does not
@@ -252,7 +253,7 @@ def main() -> None:
             clock.append(time.perf_counter())
             jax.device_get(scored)
             clock.append(time.perf_counter())
-            state, _ = jax.block_until_ready(update_fn(state, scored[0]))
+            state, _ = jax.block_until_ready(update_fn(state, frozen, scored[0]))
             clock.append(time.perf_counter())
             state, _ = jax.block_until_ready(step_by_step(state, frozen, batch))
             clock.append(time.perf_counter())

@@ -20,6 +20,8 @@ from typing import Any, get_args
 
 from ml_collections import ConfigDict
 
+from glm_jax.models.glm import LORA_TARGETS
+
 # Mesh axis sizes for common machines (`data`, `fsdp`, `tensor`; -1 takes the remaining
 # devices). Training programs shard parameters over fsdp x tensor and the batch over
 # data x fsdp; PPO's generation favours tensor over fsdp (no all-gathers per decode step).
@@ -56,10 +58,17 @@ def default_config() -> ConfigDict:
     # independent of depth); attention is "auto" (cuDNN flash attention on GPU in bf16, else
     # plain for short sequences and blockwise beyond), "dense", "blockwise", "cudnn" or "xla";
     # vocab_chunk is how many positions' float32 logits exist at once in training programs.
+    # lora: low-rank adapters (rank 0: none). With a rank, the models of `roles` ("sft",
+    # "reward", "policy": DPO's / PPO's / GRPO's, "critic") train only adapters of that rank
+    # on `targets` (comma-separated among q, k, v, o, gate, up, down), scaled by alpha / rank,
+    # and a reward model's or critic's scalar head; their base stays frozen. dropout must be 0.
     config.model = ConfigDict(dict(
         init_checkpoint="", dtype="float32", param_dtype="float32", frozen_dtype="",
         moment_dtype="float32", remat="none", scan_layers=True, attention="auto",
-        vocab_chunk=512, tiny=ConfigDict()))
+        vocab_chunk=512, tiny=ConfigDict(),
+        lora=ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,
+                             targets="q,k,v,o,gate,up,down",
+                             roles="sft,reward,policy,critic"))))
     # tokenizer: a directory with tokenizer.json / tokenizer.model; empty means the init
     # checkpoint's, or the bundled tiny tokenizer.
     # special_tokens: what becomes of a chat template's special token (an EOS, a role token)
@@ -317,6 +326,15 @@ _UNIT = _Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
 _COUNT = _at_least(1)
 
 
+# The models low-rank adapters can be put on (config.model.lora.roles).
+LORA_ROLES = ("sft", "reward", "policy", "critic")
+
+
+def _names_among(text: str, valid: tuple[str, ...]) -> bool:
+    names = [n.strip() for n in text.split(",")]
+    return all(names) and set(names) <= set(valid)
+
+
 def _bucket_edges(text: str) -> bool:
     try:
         edges = [int(x) for x in text.split(",")]
@@ -331,6 +349,14 @@ _RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
     "mesh.*": _Rule(lambda v: v >= 1 or v == -1,
                     "must be >= 1, or -1 for the devices the other axes leave"),
     "model.vocab_chunk": _COUNT,
+    "model.lora.rank": _at_least(0, " (0: no adapters)"),
+    "model.lora.alpha": _POSITIVE,
+    "model.lora.dropout": _Rule(lambda v: v == 0, "dropout on the adapters' input is not "
+                                "implemented; 0 trains them without it"),
+    "model.lora.targets": _Rule(lambda v: _names_among(v, LORA_TARGETS),
+                                f"must be comma-separated names among {', '.join(LORA_TARGETS)}"),
+    "model.lora.roles": _Rule(lambda v: _names_among(v, LORA_ROLES),
+                              f"must be comma-separated names among {', '.join(LORA_ROLES)}"),
     "data.max_prompt_tokens": _COUNT,
     "data.max_response_tokens": _COUNT,
     # Every stage's optimiser and loop.

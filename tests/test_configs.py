@@ -229,8 +229,15 @@ def test_every_rule_names_a_schema_field():
     from glm_jax.config import _RULES, _choices
 
     schema = default_config()
-    paths = {f"{s}.{f}" for s, v in schema.items() if isinstance(v, ConfigDict) for f in v}
-    paths |= {k for k, v in schema.items() if not isinstance(v, ConfigDict)}
+
+    def leaves(section, prefix=""):  # every field's path, sections nested at any depth
+        for key, value in section.items():
+            if isinstance(value, ConfigDict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    paths = set(leaves(schema))
     for key in [*_RULES, *_choices()]:
         section, _, field = key.rpartition(".")
         if section == "*":

@@ -359,3 +359,17 @@ def test_configuration_errors_name_the_field(tmp_path, field, value, message):
     config.dpo[field] = value
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         train_dpo(config, tmp_path / "w")
+
+
+def test_online_dpo_with_lora_takes_the_policys_base_as_its_reference(tmp_path):
+    """With adapters on the policy there is no reference copy: the step runs the base with
+    the adapters off. At the start (B = 0) the policy is its base: the loss is ln 2."""
+    config = online_config(tmp_path)
+    config.dpo.update(num_steps=2, checkpoint_every=2)
+    config.model.lora.update(rank=4, alpha=8.0, roles="policy")
+    train_dpo(config, tmp_path / "w")
+    metrics = read_metrics(tmp_path / "w")
+    assert metrics[0]["dpo_loss"] == pytest.approx(np.log(2), abs=1e-5)
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+    adapter = json.loads((tmp_path / "w" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4

@@ -569,11 +569,16 @@ def save_pretrained(model: GlmForCausalLM, path: str | os.PathLike, *, dtype: st
 
     Weights go to model.safetensors, or to several files plus model.safetensors.index.json when
     larger than `max_shard_bytes`. Each file is written to a temporary name and renamed, so an
-    interrupted save never leaves a truncated file under a final name.
+    interrupted save never leaves a truncated file under a final name. A model with low-rank
+    adapters is written merged (`lora.merged_model`): the full model they make.
     """
     if not isinstance(model, GlmForCausalLM):
         raise TypeError(f"save_pretrained writes language models (GlmForCausalLM), got "
                         f"{type(model).__name__}")
+    if model.config.lora_rank:
+        from glm_jax.models.lora import merged_model
+
+        model = merged_model(model)
     from safetensors.numpy import save_file
 
     config = model.config

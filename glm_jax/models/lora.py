@@ -18,6 +18,7 @@ for an untargeted one).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -29,9 +30,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from glm_jax.models.glm import LoRAParam
+from glm_jax.models.glm import DTYPES, LoRAParam
 from glm_jax.models.heads import GlmForCausalLM
 
+ADAPTER_DIR = "adapter"  # where a training stage writes its adapters, beside its `hf` export
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model.model.layers"
@@ -59,6 +61,74 @@ def join(trained: nnx.State, frozen: nnx.State) -> nnx.State:
     return nnx.merge_state(frozen, trained)
 
 
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def has_adapters(tree: Any) -> bool:
+    return any(isinstance(v, LoRAParam) for v in jax.tree.leaves(tree, is_leaf=_is_variable))
+
+
+def partition(params: Any) -> tuple[Any, Any]:
+    """(trained, frozen) parts of the parameters a training step updates: for a State with
+    adapters, `split_trained`'s; for a dict of parts (PPO's policy and critic), part by part;
+    anything else is all trained (frozen None). What the optimizer and the checkpoints hold
+    is the trained part."""
+    if isinstance(params, nnx.State):
+        return split_trained(params) if has_adapters(params) else (params, None)
+    if isinstance(params, dict):
+        parts = {name: partition(part) for name, part in params.items()}
+        return ({name: t for name, (t, _) in parts.items()},
+                {name: f for name, (_, f) in parts.items()})
+    return params, None
+
+
+def unpartition(trained: Any, frozen: Any) -> Any:
+    """The parameters again from `partition`'s parts."""
+    if frozen is None:
+        return trained
+    if isinstance(trained, nnx.State):
+        return join(trained, frozen)
+    return {name: unpartition(part, frozen[name]) for name, part in trained.items()}
+
+
+def _params_fields(state: Any) -> list[str]:
+    """The fields of a train state (TrainState, RLState) that hold a model's parameters."""
+    if not dataclasses.is_dataclass(state):
+        return []
+    return [f.name for f in dataclasses.fields(state) if f.name.endswith("params")]
+
+
+def stored_part(state: Any) -> Any:
+    """`state` with its parameters' frozen parts left out: what a checkpoint holds (a LoRA
+    run's adapters, optimizer state and step, not the base it is trained on)."""
+    if not dataclasses.is_dataclass(state):
+        return state
+    return state.replace(**{name: partition(getattr(state, name))[0]
+                            for name in _params_fields(state)})
+
+
+def with_frozen_of(stored: Any, state: Any) -> Any:
+    """`stored_part`'s output (e.g. restored from a checkpoint) with `state`'s frozen parts."""
+    if not dataclasses.is_dataclass(stored):
+        return stored
+    return stored.replace(**{name: unpartition(getattr(stored, name),
+                                               partition(getattr(state, name))[1])
+                             for name in _params_fields(stored)})
+
+
+def frozen_fingerprint(state: Any) -> list[float]:
+    """Per frozen parameter array of `state`, the sum of its absolute values: what a LoRA
+    checkpoint records of the base its adapters were trained on, to refuse another base at
+    resume (within bfloat16 rounding: 1% apart). Empty without frozen parts."""
+    frozen = [partition(getattr(state, name))[1] for name in _params_fields(state)]
+    leaves = jax.tree.leaves([f for f in frozen if f is not None])
+    if not leaves:
+        return []
+    sums = jax.jit(lambda xs: [jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in xs])(leaves)
+    return [float(x) for x in sums]
+
+
 def base_state(params: nnx.State) -> nnx.State:
     """The state without its adapters: what the graph of `config.without_lora()` runs (the
     base model, adapters off)."""
@@ -67,8 +137,47 @@ def base_state(params: nnx.State) -> nnx.State:
 
 def base_graphdef(module_type: type[nnx.Module], config: Any) -> nnx.GraphDef:
     """The graph of `module_type` built from `config` without adapters (nothing allocated)."""
-    return nnx.split(nnx.eval_shape(lambda: module_type(config.without_lora(),
-                                                        rngs=nnx.Rngs(0))))[0]
+    return graph_of(module_type, config.without_lora())
+
+
+def graph_of(cls: type[nnx.Module], config: Any) -> nnx.GraphDef:
+    """The graph of `cls(config)` (nothing allocated)."""
+    return nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))[0]
+
+
+def fresh_part(cls: type[nnx.Module], config: Any, seed: int, mesh: Mesh | None,
+               wanted: Any = LoRAParam) -> nnx.State:
+    """The `wanted` part (an nnx filter: the adapters, or `is_trained` for the adapters and a
+    scalar head) of a fresh `cls(config)` of `seed`, placed on `mesh` by the logical-axis
+    rules. Jitted: the rest of the model, drawn too, is never computed."""
+    from glm_jax.sharding import state_shardings
+
+    def fresh() -> nnx.State:
+        return nnx.split_state(nnx.state(cls(config, rngs=nnx.Rngs(seed))), wanted, ...)[0]
+
+    abstract = jax.eval_shape(fresh)
+    return jax.jit(fresh, out_shardings=None if mesh is None
+                   else state_shardings(abstract, mesh))()
+
+
+def add_adapters(model: nnx.Module, mesh: Mesh | None = None, seed: int = 0,
+                 param_dtype: str = "float32", **lora: Any) -> nnx.Module:
+    """`model` (no adapters) with fresh adapters of `lora` (lora_rank, lora_alpha,
+    lora_targets): A drawn as a fresh model of `seed` draws it, B zero, so the model computes
+    what it did. The base's arrays are shared, not copied (whatever their dtype); a scalar
+    head, trained, is cast to `param_dtype`, which the model's config then records. The
+    adapters are placed on `mesh` by the logical-axis rules."""
+    config, cls = model.config.replace(param_dtype=param_dtype, **lora), type(model)
+    head, base = nnx.split_state(nnx.state(model), is_trained, ...)
+    head = jax.tree.map(lambda x: x.astype(param_dtype), head)
+    return nnx.merge(graph_of(cls, config), base, head, fresh_part(cls, config, seed, mesh))
+
+
+def cast_frozen(model: nnx.Module, dtype: str) -> nnx.Module:
+    """`model` with the frozen part of its weights (`is_trained`'s complement) cast to
+    `dtype`, each array keeping its sharding: a LoRA model's base in bfloat16."""
+    graphdef, trained, frozen = nnx.split(model, is_trained, ...)
+    return nnx.merge(graphdef, trained, jax.tree.map(lambda x: x.astype(dtype), frozen))
 
 
 # Per target: (module, kernel, A, B, how B @ A becomes the kernel's shape). Stacked layers
@@ -84,10 +193,12 @@ _DELTAS = {
 }
 
 
-def merged_state(params: nnx.State, config: Any) -> nnx.State:
-    """The base state with each adapter folded into its kernel, `W + scale * B A`, in the
-    kernel's dtype: the model of `config.without_lora()` that computes what the adapted one
-    does (for export, and for decoding without the low-rank products)."""
+def merged_state(params: nnx.State, config: Any, dtype: Any = None) -> nnx.State:
+    """The base state with each adapter folded into its kernel, `W + scale * B A`, computed in
+    float32 and stored in `dtype` (default: config.param_dtype, the trained precision; a
+    bfloat16 base would round the adapters' small updates away): the model of
+    `config.without_lora()` that computes what the adapted one does."""
+    dtype = DTYPES[config.param_dtype] if dtype is None else dtype
     base = base_state(params)
     layers = params["model"]["layers"]
     for target in config.lora_targets:
@@ -95,7 +206,7 @@ def merged_state(params: nnx.State, config: Any) -> nnx.State:
         variable = base["model"]["layers"][module][kernel]
         delta = jnp.einsum(spec, layers[module][b][...].astype(jnp.float32),
                            layers[module][a][...].astype(jnp.float32)) * config.lora_scale
-        variable.set_value((variable[...].astype(jnp.float32) + delta).astype(variable.dtype))
+        variable.set_value((variable[...].astype(jnp.float32) + delta).astype(dtype))
     return base
 
 

@@ -9,11 +9,18 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import Mesh
 
 from glm_jax.models.glm import GlmConfig
-from glm_jax.sharding import state_shardings
+from glm_jax.models.lora import (
+    frozen_fingerprint,
+    is_trained,
+    join,
+    stored_part,
+    with_frozen_of,
+)
+from glm_jax.sharding import shard_state, state_shardings
 from glm_jax.train.workdir import set_aside, write_file
 
 
@@ -59,8 +66,12 @@ class Checkpointer:
             raise ValueError(f"best_metric {self.best_metric!r} is not among the metrics "
                              f"{sorted(metrics)}")
         ranked = metrics if self.best_metric else None
+        # A LoRA run's checkpoint holds what it trains; of its frozen base only a fingerprint,
+        # which a resume checks the base it is given against.
+        fingerprint = frozen_fingerprint(state)
+        extra = {**(extra or {}), **({FROZEN_BASE: fingerprint} if fingerprint else {})}
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})),
+            state=ocp.args.StandardSave(stored_part(state)), extra=ocp.args.JsonSave(extra)),
             metrics=ranked, force=True)
 
     def best_step(self) -> int | None:
@@ -83,7 +94,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         path = self.directory / str(step)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, stored_part(target))
         try:
             stored = ocp.PyTreeCheckpointHandler().metadata(path / "state")
         except (OSError, ValueError) as e:
@@ -101,7 +112,9 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise CheckpointDamaged(step, f"{path} is damaged: {_abridged(e)}") from e
-        return restored.state, dict(restored.extra or {})
+        extra = dict(restored.extra or {})
+        check_same_base(path, extra.get(FROZEN_BASE, []), frozen_fingerprint(target))
+        return with_frozen_of(restored.state, target), extra
 
     def set_aside(self, step: int) -> Path:
         """Moves the checkpoint of `step` to `<step>.damaged` beside it (a name orbax does not
@@ -116,6 +129,27 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+FROZEN_BASE = "frozen_base"  # the key of the base's fingerprint in a checkpoint's extras
+
+
+def check_same_base(path: Path, stored: list[float], given: list[float]) -> None:
+    """ValueError when the checkpoint at `path` trained its adapters on another frozen base
+    than the one given to continue from (`lora.frozen_fingerprint`s: the sums of the absolute
+    values of the frozen arrays, equal within bfloat16 rounding)."""
+    if not stored and not given:
+        return
+    differ = len(stored) != len(given) or any(
+        abs(a - b) > 1e-2 * max(abs(a), abs(b), 1e-6) for a, b in zip(stored, given,
+                                                                        strict=True))
+    if differ:
+        raise ValueError(
+            f"the checkpoint {path} holds low-rank adapters trained on another base model "
+            f"than the one this run loaded (the sums of the frozen weights differ: "
+            f"{len(stored)} arrays there, {len(given)} here): resume with the base it was "
+            f"trained on (config.model.init_checkpoint and config.model.lora in the "
+            f"config.json beside its checkpoints), or use a new workdir")
 
 
 def _abridged(error: Exception) -> str:
@@ -154,7 +188,9 @@ def load_model_config(workdir: str | Path) -> GlmConfig:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: is {workdir} a glm_jax training workdir?")
     fields = json.loads(path.read_text())
-    fields["eos_token_id"] = tuple(fields["eos_token_id"])
+    for name in ("eos_token_id", "lora_targets"):  # JSON lists; the config is hashable
+        if name in fields:
+            fields[name] = tuple(fields[name])
     return GlmConfig(**fields)
 
 
@@ -168,9 +204,15 @@ def load_trained_model(workdir: str | Path, model_cls: type[nnx.Module],
     """The `model_cls` trained in `workdir` (its latest checkpoint unless `step`), with
     parameters only (no optimizer state), sharded over `mesh` if given. `overrides` change
     fields of its model config: how it runs (remat, ...) and its dtypes (the parameters are
-    cast to `param_dtype` as they are read)."""
+    cast to `param_dtype` as they are read). A LoRA run's checkpoint holds its adapters (and
+    scalar head): the base comes from the run's own config (config.json: its
+    model.init_checkpoint, or the tiny model of its seed) and must be the one they were
+    trained on."""
     config = load_model_config(workdir).replace(**(overrides or {}))
+    base = _lora_base(workdir, model_cls, config, mesh) if config.lora_rank else None
     graphdef, params = nnx.split(nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0))))
+    if base is not None:
+        params = nnx.split_state(params, is_trained, ...)[0]
     if mesh is not None:
         shardings = state_shardings(params, mesh)  # one NamedSharding per Variable
     else:
@@ -188,7 +230,44 @@ def load_trained_model(workdir: str | Path, model_cls: type[nnx.Module],
             state=ocp.args.PyTreeRestore(
                 item={"params": target},
                 restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
-                partial_restore=True)))
+                partial_restore=True),
+            extra=ocp.args.JsonRestore()))
     finally:
         checkpointer.close()
-    return nnx.merge(graphdef, restored.state["params"])
+    params = restored.state["params"]
+    if base is not None:
+        params = join(params, base)
+        check_same_base(checkpointer.directory / str(step),
+                        (restored.extra or {}).get(FROZEN_BASE, []),
+                        frozen_fingerprint(_Params(params)))
+    return nnx.merge(graphdef, params)
+
+
+@struct.dataclass
+class _Params:
+    """A state holding only parameters, for `frozen_fingerprint`."""
+
+    params: Any
+
+
+def _lora_base(workdir: str | Path, model_cls: type[nnx.Module], config: GlmConfig,
+               mesh: Mesh | None) -> nnx.State:
+    """The frozen base of a LoRA run in `workdir` (without adapters or head), in `config`'s
+    dtypes: its config.json's model.init_checkpoint, or the tiny model of its seed."""
+    from glm_jax.models.convert import HEADS, from_pretrained
+    from glm_jax.train.common import load_config
+
+    run = load_config(workdir)
+    head = next(name for name, cls in HEADS.items() if cls is model_cls)
+    base_config = config.without_lora()
+    if run.model.init_checkpoint:
+        keep = ("dtype", "param_dtype", "remat", "scan_layers", "attention", "vocab_chunk")
+        model = from_pretrained(run.model.init_checkpoint, mesh=mesh, head=head, seed=run.seed,
+                                **{f: getattr(base_config, f) for f in keep})
+        state = nnx.state(model)
+    else:  # drawn in the trained dtype, then cast, as the run made it
+        drawn = base_config.replace(param_dtype=run.model.param_dtype)
+        state = nnx.state(model_cls(drawn, rngs=nnx.Rngs(run.seed)))
+        state = jax.tree.map(lambda x: x.astype(base_config.param_dtype), state)
+        state = state if mesh is None else shard_state(state, mesh)
+    return nnx.split_state(state, is_trained, ...)[1]

@@ -20,6 +20,7 @@ from glm_jax.data.tokenizer import (
 from glm_jax.models.convert import HEADS, from_pretrained, read_config, require_kind
 from glm_jax.models.glm import GlmConfig
 from glm_jax.models.heads import GlmRewardModel
+from glm_jax.models.lora import add_adapters, cast_frozen, merged_model
 from glm_jax.models.tiny import tiny_config
 from glm_jax.sharding import (
     MeshConfig,
@@ -123,25 +124,45 @@ def frozen_overrides(config: ConfigDict) -> dict[str, Any]:
             "param_dtype": config.model.frozen_dtype or config.model.param_dtype}
 
 
-def model_from_config(config: ConfigDict, head: str, mesh: Mesh) -> nnx.Module:
+def lora_overrides(config: ConfigDict, role: str) -> dict[str, Any]:
+    """The GlmConfig fields of config.model.lora for a model of `role` ("sft", "reward",
+    "policy", "critic"): its adapters, or none when LoRA is off or not on this role."""
+    lora = config.model.get("lora")
+    roles = [name.strip() for name in lora.roles.split(",")] if lora else []
+    if not lora or not lora.rank or role not in roles:
+        return {}
+    return {"lora_rank": lora.rank, "lora_alpha": float(lora.alpha),
+            "lora_targets": tuple(name.strip() for name in lora.targets.split(","))}
+
+
+def model_from_config(config: ConfigDict, head: str, mesh: Mesh, role: str = "") -> nnx.Module:
     """`head` ("lm", "reward", "value") from config.model.init_checkpoint, or a fresh tiny
-    model (config.model.tiny overrides its fields) when no checkpoint is given."""
+    model (config.model.tiny overrides its fields) when no checkpoint is given; with fresh
+    low-rank adapters when config.model.lora puts them on `role`."""
+    lora = lora_overrides(config, role)
     if config.model.init_checkpoint:
-        return from_pretrained(init_checkpoint(config), mesh=mesh, head=head,
-                               seed=config.seed, **trained_overrides(config))
-    glm_config = model_config_from_config(config)
+        # With adapters the base is frozen: read straight into config.model.frozen_dtype.
+        model = from_pretrained(init_checkpoint(config), mesh=mesh, head=head,
+                                seed=config.seed,
+                                **(frozen_overrides if lora else trained_overrides)(config))
+        if not lora:
+            return model
+        return add_adapters(model, mesh, config.seed, config.model.param_dtype, **lora)
+    glm_config = model_config_from_config(config, role)
     check_model_fits_mesh(glm_config, mesh)
-    model = HEADS[head](glm_config, rngs=nnx.Rngs(config.seed))
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, shard_state(state, mesh))
+    graphdef, state = nnx.split(HEADS[head](glm_config, rngs=nnx.Rngs(config.seed)))
+    model = nnx.merge(graphdef, shard_state(state, mesh))
+    return cast_frozen(model, frozen_overrides(config)["param_dtype"]) if lora else model
 
 
-def model_config_from_config(config: ConfigDict) -> GlmConfig:
+def model_config_from_config(config: ConfigDict, role: str = "") -> GlmConfig:
     """The GlmConfig of config.model: the init checkpoint's config.json (read alone, no
-    weights), or the tiny model's; with the run's dtypes and runtime fields."""
+    weights), or the tiny model's; with the run's dtypes and runtime fields, and the adapters
+    of config.model.lora when it puts them on `role`."""
+    overrides = {**trained_overrides(config), **lora_overrides(config, role)}
     if config.model.init_checkpoint:
-        return read_config(init_checkpoint(config), **trained_overrides(config))
-    return tiny_config(**trained_overrides(config), **config.model.get("tiny", {}))
+        return read_config(init_checkpoint(config), **overrides)
+    return tiny_config(**overrides, **config.model.get("tiny", {}))
 
 
 def save_tokenizer(tokenizer: Tokenizer, workdir: str | Path) -> None:
@@ -219,9 +240,11 @@ def load_reward_model(path: str, field: str, tokenizer: Tokenizer, mesh: Mesh,
     check_vocab(tokenizer, model_config.vocab_size, f"{field} = '{path}'",
                 str(tokenizer.path))
     try:
-        return load_trained_model(path, GlmRewardModel, mesh, overrides=overrides)
+        model = load_trained_model(path, GlmRewardModel, mesh, overrides=overrides)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{field} = {path!r}: {e}") from e
+    # Frozen from here: a LoRA reward model runs with its adapters folded in.
+    return merged_model(model) if model.config.lora_rank else model
 
 
 def _token_words(entry: tuple[str, bool] | None) -> str:

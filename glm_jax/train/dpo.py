@@ -43,6 +43,7 @@ from glm_jax.data.records import (
 from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
 from glm_jax.losses import dpo_loss, masked_mean, sequence_logprobs
 from glm_jax.models.heads import GlmForCausalLM
+from glm_jax.models.lora import base_graphdef, base_state
 from glm_jax.sharding import batch_sharding
 from glm_jax.train import loop
 from glm_jax.train.batched import map_batches
@@ -412,13 +413,16 @@ def make_online_step(graphdef: nnx.GraphDef, reward_graphdef: nnx.GraphDef,
                      settings: SamplingSettings, tx: optax.GradientTransformation,
                      schedule: optax.Schedule, *, beta: float, sft_coef: float,
                      num_samples: int, margin: float, seed: int, mesh: Mesh,
-                     state_sharding: Any, reward_sharding: Any, prompt_sharding: Any):
+                     state_sharding: Any, reward_sharding: Any, prompt_sharding: Any,
+                     reference_base: nnx.GraphDef | None = None):
     """The jitted online DPO step
     `(state, reference_params, reward_params, prompts) -> (state, metrics)`.
 
     prompts: `prompt_ids` / `prompt_mask` `[batch, P]` (left-padded). reference_params: the
     frozen initial policy's parameters (same structure and shardings as `state.params`);
-    reward_params: those of the reward model `reward_graphdef`. Neither is differentiated.
+    with low-rank adapters on the policy, None: the reference is the policy's base, adapters
+    off, run by `reference_base` (no copy). reward_params: those of the reward model
+    `reward_graphdef`. Neither is differentiated.
     The sampling key of step k is `fold_in(key(seed), k)`: a resumed run samples the same.
     The update is `loop.make_train_step`'s on the `sample_pairs` batch; metrics add the
     sampling stats to the loss function's. The state's buffers are donated.
@@ -428,8 +432,10 @@ def make_online_step(graphdef: nnx.GraphDef, reward_graphdef: nnx.GraphDef,
     def step(state: TrainState, reference_params: Any, reward_params: Any,
              prompts: Mapping[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        reference = (nnx.merge(graphdef, reference_params) if reference_base is None
+                     else nnx.merge(reference_base, base_state(state.params)))
         pairs, stats = sample_pairs(
-            nnx.merge(graphdef, state.params), nnx.merge(graphdef, reference_params),
+            nnx.merge(graphdef, state.params), reference,
             nnx.merge(reward_graphdef, reward_params), prompts["prompt_ids"],
             prompts["prompt_mask"], rng, settings, num_samples, margin)
         # Nested in this jit, the shared update compiles into the same program; its batch
@@ -439,7 +445,8 @@ def make_online_step(graphdef: nnx.GraphDef, reward_graphdef: nnx.GraphDef,
         state, metrics = update(state, pairs)
         return state, {**metrics, **stats}
 
-    return jax.jit(step, in_shardings=(state_sharding, state_sharding.params, reward_sharding,
+    reference_sharding = state_sharding.params if reference_base is None else None
+    return jax.jit(step, in_shardings=(state_sharding, reference_sharding, reward_sharding,
                                        prompt_sharding),
                    out_shardings=(state_sharding, None), donate_argnums=0)
 
@@ -532,7 +539,10 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
               f"{dpo.num_samples} responses to each of {dpo.batch_size}")
         batches = iter(PromptDataset(ids, mask, batch_size=dpo.batch_size, seed=config.seed,
                                      **process))
-        reference_params = roles.reference.params
+        # With adapters on the policy there is no reference copy: its base is the reference.
+        reference_params = roles.reference.params if roles.reference else None
+        reference_base = (None if roles.reference
+                          else base_graphdef(GlmForCausalLM, roles.policy.config))
         sampling = SamplingSettings.from_config(dpo, tokenizer, data.max_response_tokens)
 
         def make_step(shardings):
@@ -540,7 +550,8 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                 graphdef, reward_graphdef, sampling, tx, schedule, beta=dpo.beta,
                 sft_coef=dpo.sft_coef, num_samples=dpo.num_samples, margin=dpo.pair_margin,
                 seed=config.seed, mesh=mesh, state_sharding=shardings_of(state),
-                reward_sharding=shardings_of(reward_params), prompt_sharding=shardings)
+                reward_sharding=shardings_of(reward_params), prompt_sharding=shardings,
+                reference_base=reference_base)
             return BoundStep(step, (reference_params, reward_params))
     else:
         if mode == "offline":

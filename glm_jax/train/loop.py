@@ -24,6 +24,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from glm_jax.models.convert import save_pretrained
+from glm_jax.models.lora import ADAPTER_DIR, partition, save_adapter, unpartition
 from glm_jax.sharding import Batch, batch_sharding, to_device, to_host
 from glm_jax.train.checkpoint import CheckpointDamaged, Checkpointer, save_model_config
 from glm_jax.train.common import is_main_process, save_config, save_tokenizer
@@ -278,10 +279,17 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: opta
     gradients of `loss_fn` `(params, batch) -> (loss, metrics)`, one optimizer step, skipped
     when the loss, the gradients or the learning rate are not finite. The metrics add `loss`,
     `grad_norm`, `learning_rate` and `skipped_nonfinite` to the loss function's. `state.step`
-    is the schedule's step (the count of updates)."""
+    is the schedule's step (the count of updates). With low-rank adapters in the parameters,
+    only the trained part (`lora.partition`: adapters, scalar heads) gets gradients and
+    optimizer state; the frozen base passes through."""
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        trained, frozen = partition(state.params)
+
+        def objective(trained: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            return loss_fn(unpartition(trained, frozen), batch)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trained, batch)
         grad_norm = optax.tree.norm(grads)
         learning_rate = schedule(state.step)
         # A non-finite learning rate makes every update NaN with finite gradients: checked
@@ -290,14 +298,15 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: opta
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(learning_rate)
 
         def update() -> tuple[Any, Any]:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state
+            updates, opt_state = tx.update(grads, state.opt_state, trained)
+            return optax.apply_updates(trained, updates), opt_state
 
-        params, opt_state = update_if_finite(finite, update, (state.params, state.opt_state))
+        trained, opt_state = update_if_finite(finite, update, (trained, state.opt_state))
         metrics = {"loss": loss, **metrics, "grad_norm": grad_norm,
                    "learning_rate": learning_rate,
                    "skipped_nonfinite": 1 - finite.astype(jnp.int32)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=unpartition(trained, frozen),
+                          opt_state=opt_state), metrics
 
     return step
 
@@ -377,7 +386,9 @@ def run_stage(config: ConfigDict, section: ConfigDict, workdir: Path, *, graphde
 
 def export(graphdef: Any, state: TrainState, hf_dir: Path, tokenizer: Any, desc: str) -> None:
     """Writes the policy of `state` as a Hugging Face checkpoint to `hf_dir`, with the
-    tokenizer; parameters with NaN/Inf are refused (FloatingPointError), whatever wrote them."""
+    tokenizer; parameters with NaN/Inf are refused (FloatingPointError), whatever wrote them.
+    A policy with low-rank adapters is written merged, and its adapters alone in PEFT's
+    format beside it (`hf_dir`'s sibling `adapter`)."""
     if not bool(all_finite(state.params)):
         raise FloatingPointError(f"{desc}: the parameters of step {int(state.step)} hold "
                                  f"NaN/Inf; not exported to {hf_dir}. Resume from an earlier "
@@ -386,7 +397,10 @@ def export(graphdef: Any, state: TrainState, hf_dir: Path, tokenizer: Any, desc:
     # Several processes hold a shard each: gather (collectively), then one writes.
     params = state.params if jax.process_count() == 1 else to_host(state.params)
     if is_main_process():
-        save_tokenizer(tokenizer, save_pretrained(nnx.merge(graphdef, params), hf_dir))
+        model = nnx.merge(graphdef, params)
+        save_tokenizer(tokenizer, save_pretrained(model, hf_dir))
+        if model.config.lora_rank:
+            save_adapter(model, hf_dir.parent / ADAPTER_DIR)
 
 
 def _nothing_to_train(workdir: Path, reached: int, num_steps: int, desc: str, *,

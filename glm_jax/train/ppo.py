@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from flax import nnx
 from ml_collections import ConfigDict
 
 from glm_jax.config import validate_config
@@ -211,13 +212,14 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         return BoundStep(step, (frozen,))
 
     sequence = (settings.rollout_size, data.max_prompt_tokens, data.max_response_tokens)
+    critic = (nnx.state(program.critic_module(state.critic_params, state.params, frozen))
+              if roles.critic else None)  # with the backbone a LoRA critic shares
     flops = rl_iteration_flops(
         roles.policy.config, parameter_counts(state.params),
-        parameter_counts(state.critic_params) if roles.critic else None,
+        parameter_counts(critic) if critic is not None else None,
         parameter_counts(frozen["reward"]) if "reward" in frozen else None,
         batch=sequence[0], prompt_length=sequence[1], response_length=sequence[2],
-        epochs=ppo.ppo_epochs,
-        reference="reference" in frozen)
+        epochs=ppo.ppo_epochs, reference=settings.uses_reference)
     policy_graphdef, model_config = roles.policy.graphdef, roles.policy.config
     del roles  # the state and `frozen` hold the parameters the loop needs
     last = run_stage(config, ppo, workdir, graphdef=policy_graphdef, state=state,

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
+from glm_jax.models.lora import partition
 from glm_jax.sharding import logical_to_spec
 from glm_jax.train.common import model_config_from_config
 from glm_jax.train.programs import GIB, StepCost, check_fits, device_memory_limit, step_cost
@@ -47,13 +48,14 @@ def _scalar(mesh: Mesh, dtype: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, PartitionSpec()))
 
 
-def _train_state(config: ConfigDict, head: str, section: ConfigDict, mesh: Mesh
+def _train_state(config: ConfigDict, head: str, section: ConfigDict, mesh: Mesh, lora_role: str
                  ) -> tuple[nnx.GraphDef, optax.GradientTransformation, optax.Schedule,
                             TrainState]:
-    role = abstract_role(model_config_from_config(config), head, mesh)
+    role = abstract_role(model_config_from_config(config, lora_role), head, mesh)
     tx, schedule = optimizer_from_config(section, config.model.moment_dtype)
     state = TrainState(step=_scalar(mesh, jnp.int32), params=role.params,
-                       opt_state=abstract_like(jax.eval_shape(tx.init, role.params), mesh))
+                       opt_state=abstract_like(jax.eval_shape(tx.init,
+                                                              partition(role.params)[0]), mesh))
     return role.graphdef, tx, schedule, state
 
 
@@ -75,7 +77,7 @@ def sft_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ..
     """The SFT step and its abstract (state, batch)."""
     from glm_jax.train import sft
 
-    graphdef, tx, schedule, state = _train_state(config, "lm", config.sft, mesh)
+    graphdef, tx, schedule, state = _train_state(config, "lm", config.sft, mesh, "sft")
     length = config.data.max_prompt_tokens + config.data.max_response_tokens
     spec = {"input_ids": ((config.sft.batch_size, length), jnp.int32),
             "attention_mask": ((config.sft.batch_size, length), jnp.bool_),
@@ -91,7 +93,7 @@ def rm_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ...
     """The reward-model step and its abstract (state, batch of rm.batch_size pairs)."""
     from glm_jax.train import reward
 
-    graphdef, tx, schedule, state = _train_state(config, "reward", config.rm, mesh)
+    graphdef, tx, schedule, state = _train_state(config, "reward", config.rm, mesh, "reward")
     batch = abstract_batch(mesh, _pair_batch(config, config.rm.batch_size))
     step = reward.make_train_step(graphdef, tx, schedule, config.rm.l2_coef, _shardings(state),
                                   _shardings(batch))
@@ -102,7 +104,7 @@ def dpo_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ..
     """The offline DPO step (reference log-probs cached) and its abstract (state, batch)."""
     from glm_jax.train import dpo
 
-    graphdef, tx, schedule, state = _train_state(config, "lm", config.dpo, mesh)
+    graphdef, tx, schedule, state = _train_state(config, "lm", config.dpo, mesh, "policy")
     size = config.dpo.batch_size
     spec = {**_pair_batch(config, size), "ref_chosen_logps": ((size,), jnp.float32),
             "ref_rejected_logps": ((size,), jnp.float32)}
@@ -134,7 +136,8 @@ def ppo_program(config: ConfigDict, mesh: Mesh) -> tuple[Callable, tuple[Any, ..
     program, _, frozen = rl.make_rl(settings, roles, sampling, optimizers, init_state=False)
 
     def opt_state(name: str, params: Any) -> Any:
-        return abstract_like(jax.eval_shape(optimizers[name][0].init, params), mesh)
+        return abstract_like(jax.eval_shape(optimizers[name][0].init, partition(params)[0]),
+                             mesh)
 
     critic = roles.critic.params if roles.critic else None
     state = rl.RLState(

@@ -221,7 +221,7 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
                                 source=f"config.rm.eval_file = {rm.eval_file!r}")
 
     checked = preflight(config, "rm", mesh, "reward model")  # before any weights load
-    model = model_from_config(config, "reward", mesh)
+    model = model_from_config(config, "reward", mesh, role="reward")
     tx, schedule = optimizer_from_config(rm, config.model.moment_dtype)
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, tx)

@@ -64,6 +64,7 @@ from glm_jax.losses import (
     rloo_advantages,
 )
 from glm_jax.models.heads import GlmForCausalLM, GlmValueModel
+from glm_jax.models.lora import base_graphdef, base_state, has_adapters, partition, split_trained
 from glm_jax.sharding import batch_sharding as batch_sharding_of
 from glm_jax.sharding import global_to_device, to_host
 from glm_jax.train.loop import train_step
@@ -296,6 +297,21 @@ class RLProgram:
     reward: nnx.GraphDef | None
     tx: optax.GradientTransformation  # over {"policy": ..., "critic": ...}
     schedule: optax.Schedule  # the policy's, over minibatch updates
+    # With low-rank adapters on the policy, the reference is its own base with the adapters
+    # off: this graph run on `base_state(state.params)`, no copy (None: `frozen["reference"]`).
+    reference_base: nnx.GraphDef | None = None
+    # A LoRA critic holds only its adapters and head; its frozen backbone is the policy's
+    # base ("policy") or the reward model's ("reward"); "": the critic holds its own.
+    critic_base: str = ""
+
+    def critic_module(self, critic_params: Params, policy_params: Params,
+                      frozen: Mapping[str, Params]) -> nnx.Module:
+        """The critic of `critic_params`, with the backbone it shares (`critic_base`)."""
+        if not self.critic_base:
+            return nnx.merge(self.critic, critic_params)
+        source = (split_trained(policy_params)[1] if self.critic_base == "policy"
+                  else frozen["reward"])
+        return nnx.merge(self.critic, critic_params, nnx.State({"model": source["model"]}))
 
     def rng(self, step: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(sampling key, shuffling key) of iteration `step`: a pure function of (seed, step),
@@ -330,10 +346,12 @@ class RLProgram:
                 return response_logprobs(nnx.merge(graphdef, params), ids, mask, tokens)
 
             out = {"old_logps": logps(self.policy, state.params)}
-            if "reference" in frozen:
+            if self.reference_base is not None:
+                out["ref_logps"] = logps(self.reference_base, base_state(state.params))
+            elif "reference" in frozen:
                 out["ref_logps"] = logps(self.policy, frozen["reference"])
             if self.critic is not None:
-                critic = nnx.merge(self.critic, state.critic_params)
+                critic = self.critic_module(state.critic_params, state.params, frozen)
                 out["old_values"] = response_values(critic, ids, mask, prompt_length)
             if raw_scores is None:
                 out["raw_scores"] = nnx.merge(self.reward, frozen["reward"])(ids, mask)
@@ -381,8 +399,9 @@ class RLProgram:
             ref_logps=ref_logps if s.kl_in == "loss" else None)
         return experience, stats
 
-    def loss(self, params: dict[str, Params], batch: tuple[Experience, Any],
-             kl_coef: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss(self, params: dict[str, Params], frozen: Mapping[str, Params],
+             batch: tuple[Experience, Any], kl_coef: jax.Array
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The minibatch loss over {"policy": ..., "critic": ...} parameters; batch:
         (minibatch, SFT rows or None)."""
         s = self.settings
@@ -398,7 +417,7 @@ class RLProgram:
                      mask, jnp.abs(jnp.expm1(logps - minibatch.old_logps)), 0.0)))}
         if self.critic is not None:
             prompt_length = minibatch.ids.shape[1] - minibatch.tokens.shape[1]
-            critic = nnx.merge(self.critic, params["critic"])
+            critic = self.critic_module(params["critic"], params["policy"], frozen)
             values = response_values(critic, minibatch.ids, minibatch.mask, prompt_length)
             value_loss, value_stats = ppo_value_loss(values, minibatch.old_values,
                                                      minibatch.returns, mask, s.clip_value)
@@ -415,7 +434,7 @@ class RLProgram:
             stats["sft_loss"] = sft
         return loss, stats
 
-    def update(self, state: RLState, experience: Experience,
+    def update(self, state: RLState, frozen: Mapping[str, Params], experience: Experience,
                sft_batch: Mapping[str, jax.Array] | None
                ) -> tuple[RLState, dict[str, jax.Array]]:
         """`ppo_epochs` passes over shuffled minibatches in one `lax.scan`, each update the
@@ -427,7 +446,7 @@ class RLProgram:
                                                         s.rollout_size)
                                  for e in range(s.ppo_epochs)])
         order = order.reshape(s.updates_per_iteration, s.minibatch_size)
-        step = train_step(lambda params, batch: self.loss(params, batch, state.kl_coef),
+        step = train_step(lambda params, batch: self.loss(params, frozen, batch, state.kl_coef),
                           self.tx, self.schedule)
 
         def one_update(train: TrainState, xs):
@@ -458,7 +477,7 @@ class RLProgram:
               ) -> tuple[RLState, dict[str, jax.Array]]:
         """Score + update + the KL controller: everything after the rollout."""
         experience, score_stats = self.score(state, frozen, rollout, batch, raw_scores)
-        state, update_stats = self.update(state, experience, _sft_part(batch))
+        state, update_stats = self.update(state, frozen, experience, _sft_part(batch))
         if "kl" in score_stats:
             state = state.replace(kl_coef=adaptive_kl_coef(state.kl_coef, score_stats["kl"],
                                                            self.settings))
@@ -484,15 +503,15 @@ class RLProgram:
         rollout_fn = jax.jit(self.rollout)
         score_fn = jax.jit(self.score)
 
-        def update(state, experience, batch):
-            return self.update(state, experience, _sft_part(batch))
+        def update(state, frozen, experience, batch):
+            return self.update(state, frozen, experience, _sft_part(batch))
 
         update_fn = jax.jit(update, out_shardings=(state_sharding, None), donate_argnums=0)
 
         def iteration(state, frozen, batch):
             rollout = jax.device_get(rollout_fn(state, batch))
             experience, score_stats = jax.device_get(score_fn(state, frozen, rollout, batch))
-            state, update_stats = update_fn(state, experience, batch)
+            state, update_stats = update_fn(state, frozen, experience, batch)
             if "kl" in score_stats:
                 state = state.replace(kl_coef=adaptive_kl_coef(
                     state.kl_coef, score_stats["kl"], self.settings))
@@ -548,8 +567,14 @@ def make_rl(settings: RLSettings, roles: Roles, sampling: SamplingSettings,
     for PPO and none otherwise, a reference unless the KL coefficient is fixed at 0.
     init_state: False skips the state (the pre-flight builds an abstract one).
     """
+    # With adapters on the policy, its base (adapters off) is the reference.
+    reference_base = (base_graphdef(GlmForCausalLM, roles.policy.config)
+                      if settings.uses_reference and roles.reference is None
+                      and has_adapters(roles.policy.params) else None)
     for name, needed in required_roles(settings).items():
-        if needed != (getattr(roles, name) is not None):
+        present = getattr(roles, name) is not None or (
+            name == "reference" and reference_base is not None)
+        if needed != present:
             raise ValueError(f"make_rl: algorithm {settings.algorithm!r} "
                              f"{'needs' if needed else 'takes no'} {name} role")
     txs = {"policy": optimizers["policy"][0]}
@@ -558,7 +583,8 @@ def make_rl(settings: RLSettings, roles: Roles, sampling: SamplingSettings,
     program = RLProgram(settings, sampling, roles.policy.graphdef,
                         roles.critic.graphdef if roles.critic else None,
                         roles.reward.graphdef if roles.reward else None, per_part(txs),
-                        optimizers["policy"][1])
+                        optimizers["policy"][1], reference_base=reference_base,
+                        critic_base=roles.critic_base if roles.critic else "")
     frozen = {name: role.params for name, role in (("reference", roles.reference),
                                                     ("reward", roles.reward)) if role}
     if not init_state:
@@ -566,8 +592,9 @@ def make_rl(settings: RLSettings, roles: Roles, sampling: SamplingSettings,
     params = roles.policy.params
     critic = roles.critic.params if roles.critic else None
     state = RLState(step=replicated_like(params, jnp.zeros((), jnp.int32)), params=params,
-                    opt_state=init_opt_state(txs["policy"], params), critic_params=critic,
+                    opt_state=init_opt_state(txs["policy"], partition(params)[0]),
+                    critic_params=critic,
                     critic_opt_state=(None if critic is None
-                                      else init_opt_state(txs["critic"], critic)),
+                                      else init_opt_state(txs["critic"], partition(critic)[0])),
                     kl_coef=replicated_like(params, jnp.asarray(settings.kl_coef, jnp.float32)))
     return program, state, frozen

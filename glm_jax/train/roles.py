@@ -27,11 +27,21 @@ from ml_collections import ConfigDict
 from glm_jax.models.convert import HEADS
 from glm_jax.models.glm import GlmConfig
 from glm_jax.models.heads import GlmValueModel
+from glm_jax.models.lora import (
+    add_adapters,
+    cast_frozen,
+    fresh_part,
+    graph_of,
+    has_adapters,
+    is_trained,
+    merged_model,
+)
 from glm_jax.sharding import check_model_fits_mesh, shard_state, state_shardings
 from glm_jax.train.checkpoint import load_trained_model
 from glm_jax.train.common import (
     frozen_overrides,
     load_reward_model,
+    lora_overrides,
     model_config_from_config,
     model_from_config,
     trained_overrides,
@@ -63,12 +73,16 @@ class Role:
 @dataclasses.dataclass(frozen=True)
 class Roles:
     """The models of one algorithm. `reference` shares the policy's graph definition (its
-    parameters are a separate frozen copy, which survives the donation of the trained ones)."""
+    parameters are a separate frozen copy, which survives the donation of the trained ones);
+    with low-rank adapters on the policy there is none: the reference is the policy's own
+    base, adapters off. `critic_base`: a LoRA critic whose params are only its adapters and
+    head shares the frozen backbone of the "policy" (its base) or of the "reward" model."""
 
     policy: Role
     reference: Role | None = None
     reward: Role | None = None
     critic: Role | None = None
+    critic_base: str = ""
 
 
 def _reference(policy: Role, dtype: str, mesh: Mesh) -> Role:
@@ -86,9 +100,9 @@ def roles_from_config(config: ConfigDict, mesh: Mesh, *, tokenizer: Any = None,
     (checked against the policy's `tokenizer`), frozen; with `critic`, a value model from
     the reward model or the policy (`config.<section>.critic_init`), trained, in the
     policy's precision."""
-    policy = Role.of(model_from_config(config, "lm", mesh))
+    policy = Role.of(model_from_config(config, "lm", mesh, role="policy"))
     roles = Roles(policy)
-    if reference:
+    if reference and not has_adapters(policy.params):
         roles = dataclasses.replace(roles, reference=_reference(
             policy, config.model.frozen_dtype, mesh))
     if reward:
@@ -96,18 +110,48 @@ def roles_from_config(config: ConfigDict, mesh: Mesh, *, tokenizer: Any = None,
         roles = dataclasses.replace(roles, reward=Role.of(load_reward_model(
             config[section].reward_model, field, tokenizer, mesh, frozen_overrides(config))))
     if critic:
-        init = config[section].critic_init
-        if init == "reward":
-            # Trained, so in the policy's precision whatever the reward model was saved in.
-            model = load_trained_model(config[section].reward_model, GlmValueModel, mesh,
-                                       overrides=trained_overrides(config))
-        elif init == "policy":
-            model = model_from_config(config, "value", mesh)
-        else:
-            raise ValueError(f"config.{section}.critic_init={init!r}; choose one of "
-                             f"{', '.join(CRITIC_INITS)}")
-        roles = dataclasses.replace(roles, critic=Role.of(model))
+        roles = _with_critic(roles, config, section, mesh)
     return roles
+
+
+def _with_critic(roles: Roles, config: ConfigDict, section: str, mesh: Mesh) -> Roles:
+    """`roles` with the critic of `config.<section>.critic_init`, trained in the policy's
+    precision. With low-rank adapters on the critic it shares a frozen backbone where one is
+    there to share: the policy's base when it starts from the policy and the policy has
+    adapters too (the same frozen weights), the reward model's when it starts from it."""
+    init = config[section].critic_init
+    if init not in CRITIC_INITS:
+        raise ValueError(f"config.{section}.critic_init={init!r}; choose one of "
+                         f"{', '.join(CRITIC_INITS)}")
+    lora = lora_overrides(config, "critic")
+    param_dtype = config.model.param_dtype
+    if lora and init == "policy" and has_adapters(roles.policy.params):
+        critic_config = roles.policy.config.replace(**lora)
+        trained = fresh_part(GlmValueModel, critic_config, config.seed, mesh, is_trained)
+        return dataclasses.replace(roles, critic=Role(
+            graph_of(GlmValueModel, critic_config), trained, critic_config),
+            critic_base="policy")
+    if lora and init == "reward" and roles.reward is not None:
+        # The reward model's head, trained from here in the policy's precision.
+        critic_config = roles.reward.config.replace(param_dtype=param_dtype, **lora)
+        adapters = fresh_part(GlmValueModel, critic_config, config.seed, mesh)
+        head = nnx.split_state(roles.reward.params, is_trained, ...)[0]
+        head = jax.tree.map(lambda x: x.astype(param_dtype), head)
+        return dataclasses.replace(roles, critic=Role(
+            graph_of(GlmValueModel, critic_config), nnx.merge_state(head, adapters),
+            critic_config), critic_base="reward")
+    if init == "reward":
+        # Trained, so in the policy's precision whatever the reward model was saved in.
+        model = load_trained_model(config[section].reward_model, GlmValueModel, mesh,
+                                   overrides=trained_overrides(config))
+        if model.config.lora_rank:  # a LoRA reward model: its adapters folded in
+            model = merged_model(model)
+        if lora:
+            model = cast_frozen(add_adapters(model, mesh, config.seed, param_dtype, **lora),
+                                frozen_overrides(config)["param_dtype"])
+    else:
+        model = model_from_config(config, "value", mesh, role="critic")
+    return dataclasses.replace(roles, critic=Role.of(model))
 
 
 def random_roles(glm_config: GlmConfig, mesh: Mesh, *, reference: bool = False,
@@ -153,11 +197,38 @@ def abstract_roles(config: ConfigDict, mesh: Mesh, *, reference: bool = False,
     config.json files alone."""
     model_config = model_config_from_config(config)
     frozen_config = model_config.replace(**frozen_overrides(config))
-    return Roles(
-        abstract_role(model_config, "lm", mesh),
-        reference=abstract_role(frozen_config, "lm", mesh) if reference else None,
-        reward=abstract_role(frozen_config, "reward", mesh) if reward else None,
-        critic=abstract_role(model_config, "value", mesh) if critic else None)
+    policy_config = model_config_from_config(config, "policy")
+    policy = abstract_role(policy_config, "lm", mesh)
+    if policy_config.lora_rank:  # the base in frozen_dtype
+        policy = _abstract_frozen_cast(policy, frozen_config.param_dtype)
+    roles = Roles(
+        policy,
+        reference=(abstract_role(frozen_config, "lm", mesh)
+                   if reference and not policy_config.lora_rank else None),
+        reward=abstract_role(frozen_config, "reward", mesh) if reward else None)
+    if not critic:
+        return roles
+    lora = lora_overrides(config, "critic")
+    init = config.ppo.critic_init
+    if lora and ((init == "policy" and policy_config.lora_rank) or
+                 (init == "reward" and reward)):
+        critic_config = model_config.replace(**lora)
+        full = abstract_role(critic_config, "value", mesh)
+        trained = nnx.split_state(full.params, is_trained, ...)[0]
+        return dataclasses.replace(roles, critic=Role(full.graphdef, trained, critic_config),
+                                   critic_base="policy" if init == "policy" else "reward")
+    critic_role = abstract_role(model_config.replace(**lora), "value", mesh)
+    if lora:
+        critic_role = _abstract_frozen_cast(critic_role, frozen_config.param_dtype)
+    return dataclasses.replace(roles, critic=critic_role)
+
+
+def _abstract_frozen_cast(role: Role, dtype: str) -> Role:
+    """An abstract LoRA role with its frozen part in `dtype`, as `cast_frozen` makes it."""
+    trained, frozen = nnx.split_state(role.params, is_trained, ...)
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding),
+                          frozen)
+    return dataclasses.replace(role, params=nnx.merge_state(frozen, trained))
 
 
 def abstract_like(tree: Any, mesh: Mesh) -> Any:

@@ -150,7 +150,7 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         print(f"{sft.eval_file}: {eval_data.report}")
 
     checked = preflight(config, "sft", mesh, "SFT")  # before any weights load
-    model = model_from_config(config, "lm", mesh)
+    model = model_from_config(config, "lm", mesh, role="sft")
     model_config = model.config
     tx, schedule = optimizer_from_config(sft, config.model.moment_dtype)
     with jax.set_mesh(mesh):

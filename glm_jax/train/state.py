@@ -10,6 +10,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from glm_jax.models.lora import partition
 from glm_jax.sharding import state_shardings
 
 
@@ -90,10 +91,12 @@ def init_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation
                      ) -> tuple[nnx.GraphDef, TrainState]:
     """Splits `model` into its static graph and a TrainState; the optimizer state is sharded
-    like the parameters (`init_opt_state`)."""
+    like the parameters (`init_opt_state`) and covers only what trains (with low-rank
+    adapters: the adapters and a scalar head, `lora.partition`)."""
     graphdef, params = nnx.split(model)
     return graphdef, TrainState(step=replicated_like(params, jnp.zeros((), jnp.int32)),
-                                params=params, opt_state=init_opt_state(tx, params))
+                                params=params,
+                                opt_state=init_opt_state(tx, partition(params)[0]))
 
 
 def replicated_like(params: Any, value: jax.Array) -> jax.Array:
