@@ -20,7 +20,7 @@ bases frozen in the config's frozen_dtype, the PPO critic sharing the reward mod
 
     python benchmarks/memory.py --models glm4_9b --programs dpo,ppo --lora 16
     python benchmarks/memory.py --models glm4_9b --programs dpo,ppo --lora 16 --mesh gpu1 \
-        --devices 1 --ppo-prompts 8 --tokens 2048      # one 80 GiB GPU
+        --devices 1 --ppo-prompts 8 --ppo-sft-batch 8 --tokens 2048   # one 80 GiB GPU
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ def sized(config: ConfigDict, program: str, args: argparse.Namespace, tokens: in
             config.data.max_prompt_tokens = config.data.max_response_tokens = half
             config.ppo.update(batch_size=args.ppo_prompts, minibatch_size=args.ppo_minibatch,
                               ppo_epochs=args.ppo_epochs)
+            if args.ppo_sft_batch:
+                config.ppo.sft_batch_size = args.ppo_sft_batch
         data = config.data
         return config, config.ppo.batch_size, data.max_prompt_tokens + data.max_response_tokens
     config.data.max_prompt_tokens = tokens // 2
@@ -148,6 +150,8 @@ def main() -> None:
     parser.add_argument("--ppo-tokens", type=int, default=2048, help="prompt + response")
     parser.add_argument("--ppo-minibatch", type=int, default=8)
     parser.add_argument("--ppo-epochs", type=int, default=2)
+    parser.add_argument("--ppo-sft-batch", type=int, default=0,
+                        help="SFT rows per PPO update (0: the config's)")
     parser.add_argument("--config-ppo", action="store_true",
                         help="also each config file's own PPO settings")
     parser.add_argument("--layers", type=int, default=0, help="override the layer count")

@@ -19,6 +19,8 @@ what to compare (absolute figures depend on the machine and its load, which is p
                 same number of sequences: PPO one response to each of `--batch` prompts, the
                 critic-free ones `--generations` responses to each of `--batch / --generations`
                 prompts (no critic to run or train; GRPO's KL is a k3 loss term).
+                `--lora R` adds each with rank-R adapters on the policy and critic (no
+                reference copy, the critic on the policy's frozen base).
 
 Model FLOPs count the matmuls the algorithm needs, from the parameter trees: 2 x (non-embedding
 parameters) per token through a backbone (the embedding lookup is free), 2 x (LM head) per
@@ -47,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax.models.heads import GlmValueModel
+from glm_jax.models.lora import add_adapters, fresh_part, graph_of, is_trained
 from glm_jax.models.tiny import tiny_config
 from glm_jax.sharding import (
     MeshConfig,
@@ -57,7 +61,7 @@ from glm_jax.sharding import (
 )
 from glm_jax.train.programs import parameter_counts, rl_iteration_flops
 from glm_jax.train.rl import RLSettings, make_rl, required_roles
-from glm_jax.train.roles import random_roles
+from glm_jax.train.roles import Role, Roles, random_roles
 from glm_jax.train.rollout import SamplingSettings
 from glm_jax.train.state import make_optimizer, shardings_of
 
@@ -87,6 +91,9 @@ def parse_args() -> argparse.Namespace:
                              "(empty: none)")
     parser.add_argument("--generations", type=int, default=4,
                         help="responses per prompt of the critic-free algorithms")
+    parser.add_argument("--lora", type=int, default=0,
+                        help="also each algorithm with adapters of this rank on the policy "
+                             "and critic (0: none)")
     parser.add_argument("--json", default="", help="also write the numbers to this file")
     args = parser.parse_args()
     args.algorithms = [a for a in args.algorithms.split(",") if a]
@@ -125,11 +132,12 @@ def model_config(args: argparse.Namespace):
                        scan_layers=args.scan_layers)
 
 
-def build(args: argparse.Namespace, mesh, algorithm: str = "ppo"):
+def build(args: argparse.Namespace, mesh, algorithm: str = "ppo", lora: int = 0):
     """(program, state, frozen) of `algorithm` on random roles: PPO samples one response to
     each of `--batch` prompts, the group algorithms `--generations` responses to each of
     `--batch / --generations` prompts, so every algorithm samples and trains on the same
-    number of sequences of the same lengths."""
+    number of sequences of the same lengths. `lora`: rank of adapters on every projection of
+    the policy and the critic (the reference the policy's base, the critic sharing it)."""
     config = model_config(args)
     check_model_fits_mesh(config, mesh)
     group = 1 if algorithm == "ppo" else args.generations
@@ -138,6 +146,8 @@ def build(args: argparse.Namespace, mesh, algorithm: str = "ppo"):
         minibatch_size=args.minibatch, ppo_epochs=args.epochs, kl_kind="k3", kl_coef=0.05,
         kl_in="loss" if algorithm == "grpo" else "reward")
     roles = random_roles(config, mesh, reward=True, **required_roles(settings))
+    if lora:
+        roles = with_lora(roles, lora, mesh)
     optimizer = make_optimizer(learning_rate=1e-5, num_steps=1000)
     # An EOS id outside the vocabulary: `sample` stops a row on `jnp.isin(token, eos)`, which
     # a sampled id in [0, vocab) never satisfies, so no row ends early and the while_loop
@@ -147,6 +157,20 @@ def build(args: argparse.Namespace, mesh, algorithm: str = "ppo"):
                                 temperature=1.0)
     with jax.set_mesh(mesh):
         return make_rl(settings, roles, sampling, {"policy": optimizer, "critic": optimizer})
+
+
+def with_lora(roles: Roles, rank: int, mesh) -> Roles:
+    """`roles` with rank-`rank` adapters on the policy (no reference copy: its base is the
+    reference) and a LoRA critic sharing the policy's base, as train_ppo builds them."""
+    lora = dict(lora_rank=rank, lora_alpha=2.0 * rank,
+                lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
+    policy = Role.of(add_adapters(roles.policy.module(), mesh, **lora))
+    if roles.critic is None:
+        return Roles(policy, reward=roles.reward)
+    config = roles.critic.config.replace(**lora)
+    critic = Role(graph_of(GlmValueModel, config),
+                  fresh_part(GlmValueModel, config, 1, mesh, is_trained), config)
+    return Roles(policy, reward=roles.reward, critic=critic, critic_base="policy")
 
 
 def prompt_batch(args: argparse.Namespace, prompts: int) -> dict[str, np.ndarray]:
@@ -172,8 +196,10 @@ def compare_algorithms(args: argparse.Namespace, mesh, peak: float) -> dict[str,
     algorithm of `--algorithms`, on the same number of sequences; rounds interleave the
     algorithms so a change in the machine's load hits them alike."""
     runs = {}
-    for algorithm in args.algorithms:
-        program, state, frozen = build(args, mesh, algorithm)
+    variants = [(a, 0) for a in args.algorithms]
+    variants += [(a, args.lora) for a in args.algorithms if args.lora]
+    for algorithm, lora in variants:
+        program, state, frozen = build(args, mesh, algorithm, lora)
         batch = prompt_batch(args, program.settings.batch_size)
         shardings = batch_sharding(mesh, batch)
         with jax.set_mesh(mesh):
@@ -181,9 +207,13 @@ def compare_algorithms(args: argparse.Namespace, mesh, peak: float) -> dict[str,
             batch = to_device(batch, shardings)
             began = time.perf_counter()
             state, _ = jax.block_until_ready(step(state, frozen, batch))
-        runs[algorithm] = dict(step=step, state=state, frozen=frozen, batch=batch,
-                               compile=time.perf_counter() - began, times=[],
-                               flops=sum(iteration_flops(args, state, frozen).values()))
+        # The same model FLOPs with adapters (the full model's forward and backward passes;
+        # the adapters' own are a few percent): their MFU compares with the full model's.
+        name = f"{algorithm} lora{lora}" if lora else algorithm
+        runs[name] = dict(step=step, state=state, frozen=frozen, batch=batch,
+                          compile=time.perf_counter() - began, times=[],
+                          flops=(runs[algorithm]["flops"] if lora else
+                                 sum(iteration_flops(args, state, frozen).values())))
     for _ in range(args.iterations):
         for run in runs.values():
             with jax.set_mesh(mesh):
@@ -197,7 +227,7 @@ def compare_algorithms(args: argparse.Namespace, mesh, peak: float) -> dict[str,
     out = {}
     for algorithm, run in runs.items():
         seconds = min(run["times"])
-        group = 1 if algorithm == "ppo" else args.generations
+        group = 1 if algorithm.split()[0] == "ppo" else args.generations
         out[algorithm] = {"seconds": seconds, "median": statistics.median(run["times"]),
                           "compile_seconds": run["compile"], "gflop": run["flops"] / 1e9,
                           "mfu": run["flops"] / seconds / 1e9 / peak}

@@ -188,9 +188,9 @@ class TokenCountReward(nnx.Module):
                                          dtype=jnp.float32)
 
 
-def build_rl(mesh, config, reward_model=None, learning_rate=1e-3):
-    """(program, state, frozen) of config.ppo's algorithm over fresh tiny roles on `mesh`;
-    `reward_model` (an nnx module) replaces the random reward model."""
+def build_rl(mesh, config, reward_model=None, learning_rate=1e-3, roles=None):
+    """(program, state, frozen) of config.ppo's algorithm over fresh tiny roles on `mesh`
+    (or `roles`); `reward_model` (an nnx module) replaces the random reward model."""
     import dataclasses
 
     from glm_jax.data import Tokenizer
@@ -201,8 +201,9 @@ def build_rl(mesh, config, reward_model=None, learning_rate=1e-3):
     from glm_jax.train.state import make_optimizer
 
     settings = RLSettings.from_config(config)
-    roles = random_roles(tiny_config(), mesh, reward=reward_model is None,
-                         **required_roles(settings))
+    if roles is None:
+        roles = random_roles(tiny_config(), mesh, reward=reward_model is None,
+                             **required_roles(settings))
     if reward_model is not None:
         roles = dataclasses.replace(roles, reward=Role.of(reward_model))
     tokenizer = Tokenizer.tiny()

@@ -2,7 +2,6 @@
 a LoRA critic shares a frozen backbone, only adapters and heads train, the toy reward goes up,
 and train_ppo resumes bit-identically."""
 
-import dataclasses
 import json
 
 import jax
@@ -11,6 +10,7 @@ from conftest import (
     RL_PROMPT_TOKENS,
     RL_RESPONSE_TOKENS,
     TokenCountReward,
+    build_rl,
     ppo_config,
     recorded_losses,
     rl_prompts,
@@ -22,10 +22,10 @@ from glm_jax.models.heads import GlmForCausalLM
 from glm_jax.models.lora import base_graphdef, base_state
 from glm_jax.sharding import batch_sharding, make_mesh, to_device
 from glm_jax.train.ppo import train_ppo
-from glm_jax.train.rl import RLSettings, make_rl, required_roles, response_logprobs
-from glm_jax.train.roles import Role, roles_from_config
-from glm_jax.train.rollout import SamplingSettings, sequence
-from glm_jax.train.state import make_optimizer, shardings_of
+from glm_jax.train.rl import RLSettings, required_roles, response_logprobs
+from glm_jax.train.roles import roles_from_config
+from glm_jax.train.rollout import sequence
+from glm_jax.train.state import shardings_of
 
 TOY = TokenCountReward(100, 164, RL_PROMPT_TOKENS)  # 64 of the 448 ids score
 
@@ -40,18 +40,10 @@ def lora_config(algorithm="ppo", roles="policy,critic", **ppo):
 
 
 def build(config, mesh, learning_rate=3e-3):
-    settings = RLSettings.from_config(config)
-    roles = roles_from_config(config, mesh, **required_roles(settings))
-    roles = dataclasses.replace(roles, reward=Role.of(TOY))
-    tokenizer = Tokenizer.tiny()
-    sampling = SamplingSettings(max_new_tokens=RL_RESPONSE_TOKENS,
-                                eos_token_ids=tuple(tokenizer.eos_token_ids),
-                                pad_token_id=tokenizer.pad_token_id)
-    optimizers = {name: make_optimizer(learning_rate=learning_rate, num_steps=1000)
-                  for name in ("policy", "critic")}
-    with jax.set_mesh(mesh):
-        program, state, frozen = make_rl(settings, roles, sampling, optimizers)
-    return roles, program, state, frozen
+    """(roles, program, state, frozen): the roles train_ppo builds for `config` (LoRA as it
+    says), the toy reward model."""
+    roles = roles_from_config(config, mesh, **required_roles(RLSettings.from_config(config)))
+    return (roles, *build_rl(mesh, config, TOY, learning_rate, roles=roles))
 
 
 def iterate(program, state, frozen, mesh, num, batch_size):
@@ -142,3 +134,36 @@ def test_lora_train_ppo_resumes_bit_identically_and_exports(tmp_path):
     assert len(straight) == 4 and recorded_losses(tmp_path / "resumed") == straight
     adapter = json.loads((tmp_path / "straight" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and (tmp_path / "straight" / "hf" / "model.safetensors").exists()
+
+
+def test_lora_critic_from_the_reward_model_shares_its_backbone(tmp_path):
+    """critic_init="reward" with adapters on the critic: the critic holds its adapters and the
+    reward model's head; its backbone is the frozen reward model's, so at the start its
+    values are the reward model's per-token scores."""
+    from conftest import tiny_rm_config
+
+    from glm_jax.models.heads import GlmValueModel
+    from glm_jax.train.reward import train_reward_model
+
+    train_reward_model(tiny_rm_config(tmp_path, num_steps=2, eval_every=0, checkpoint_every=2,
+                                      eval_file=""), tmp_path / "rm")
+    config = lora_config(batch_size=8, minibatch_size=4, critic_init="reward",
+                         reward_model=str(tmp_path / "rm"))
+    mesh = make_mesh()
+    settings = RLSettings.from_config(config)
+    roles = roles_from_config(config, mesh, tokenizer=Tokenizer.tiny(), reward=True,
+                              **required_roles(settings))
+    assert roles.critic_base == "reward" and roles.reference is None
+    names = set(host(roles.critic.params))
+    assert {"head_kernel", "head_bias"} <= names
+    assert all("_lora_" in n or n.startswith("head_") for n in names)
+    ids, mask = rl_prompts(4)
+    with jax.set_mesh(mesh):
+        program, state, frozen = build_rl(mesh, config, roles.reward.module(), roles=roles)
+        critic = program.critic_module(state.critic_params, state.params, frozen)
+        assert isinstance(critic, GlmValueModel)
+        np.testing.assert_allclose(np.asarray(critic(ids, mask)),
+                                   np.asarray(roles.reward.module().token_scores(ids, mask)),
+                                   atol=1e-5)
+    history, _ = iterate(program, state, frozen, mesh, 1, 8)
+    assert np.isfinite(history[0]["value_loss"]) and np.isfinite(history[0]["loss"])

@@ -141,3 +141,20 @@ def test_lora_dpo_raises_the_implicit_reward_accuracy(tmp_path):
     assert metrics["eval"]["reward_accuracy"] >= 0.9, metrics["eval"]
     names = {n for n in stored_names(tmp_path / "dpo", 30) if n.startswith("params.")}
     assert names and all("_lora_" in n for n in names)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("targets", "q,qkv", r"config.model.lora.targets = 'q,qkv': must be comma-separated names "
+                         r"among q, k, v, o, gate, up, down"),
+    ("roles", "policy,referee", r"config.model.lora.roles = 'policy,referee'"),
+    ("dropout", 0.1, r"config.model.lora.dropout = 0.1: dropout on the adapters' input is not "
+                     r"implemented"),
+    ("rank", -1, r"config.model.lora.rank = -1: must be >= 0"),
+])
+def test_lora_config_errors_name_the_field(tmp_path, field, value, message):
+    from glm_jax.config import validate_config
+
+    config = tiny_sft_config(tmp_path)
+    config.model.lora[field] = value
+    with pytest.raises(ValueError, match=message):
+        validate_config(config)

@@ -118,10 +118,12 @@ def with_frozen_of(stored: Any, state: Any) -> Any:
 
 
 def frozen_fingerprint(state: Any) -> list[float]:
-    """Per frozen parameter array of `state`, the sum of its absolute values: what a LoRA
-    checkpoint records of the base its adapters were trained on, to refuse another base at
-    resume (within bfloat16 rounding: 1% apart). Empty without frozen parts."""
-    frozen = [partition(getattr(state, name))[1] for name in _params_fields(state)]
+    """Per frozen parameter array of `state` (a train state, or a model's parameters), the
+    sum of its absolute values: what a LoRA checkpoint records of the base its adapters were
+    trained on, to refuse another base at resume (within bfloat16 rounding: 1% apart). Empty
+    without frozen parts."""
+    frozen = ([partition(getattr(state, name))[1] for name in _params_fields(state)]
+              if dataclasses.is_dataclass(state) else [partition(state)[1]])
     leaves = jax.tree.leaves([f for f in frozen if f is not None])
     if not leaves:
         return []

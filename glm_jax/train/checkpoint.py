@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx, struct
+from flax import nnx
 from jax.sharding import Mesh
 
 from glm_jax.models.glm import GlmConfig
@@ -239,15 +239,8 @@ def load_trained_model(workdir: str | Path, model_cls: type[nnx.Module],
         params = join(params, base)
         check_same_base(checkpointer.directory / str(step),
                         (restored.extra or {}).get(FROZEN_BASE, []),
-                        frozen_fingerprint(_Params(params)))
+                        frozen_fingerprint(params))
     return nnx.merge(graphdef, params)
-
-
-@struct.dataclass
-class _Params:
-    """A state holding only parameters, for `frozen_fingerprint`."""
-
-    params: Any
 
 
 def _lora_base(workdir: str | Path, model_cls: type[nnx.Module], config: GlmConfig,

@@ -64,7 +64,14 @@ from glm_jax.losses import (
     rloo_advantages,
 )
 from glm_jax.models.heads import GlmForCausalLM, GlmValueModel
-from glm_jax.models.lora import base_graphdef, base_state, has_adapters, partition, split_trained
+from glm_jax.models.lora import (
+    base_graphdef,
+    base_state,
+    has_adapters,
+    partition,
+    split_trained,
+    unpartition,
+)
 from glm_jax.sharding import batch_sharding as batch_sharding_of
 from glm_jax.sharding import global_to_device, to_host
 from glm_jax.train.loop import train_step
@@ -446,7 +453,10 @@ class RLProgram:
                                                         s.rollout_size)
                                  for e in range(s.ppo_epochs)])
         order = order.reshape(s.updates_per_iteration, s.minibatch_size)
-        step = train_step(lambda params, batch: self.loss(params, frozen, batch, state.kl_coef),
+        # A LoRA model's frozen base stays out of the scan's carry: only what trains loops.
+        trained, base = partition(_parts(state.params, state.critic_params))
+        step = train_step(lambda params, batch: self.loss(unpartition(params, base), frozen,
+                                                          batch, state.kl_coef),
                           self.tx, self.schedule)
 
         def one_update(train: TrainState, xs):
@@ -457,8 +467,7 @@ class RLProgram:
                                                        s.sft_batch_size), sft_batch)
             return step(train, (minibatch, sft_minibatch))
 
-        train = TrainState(step=state.step * s.updates_per_iteration,
-                           params=_parts(state.params, state.critic_params),
+        train = TrainState(step=state.step * s.updates_per_iteration, params=trained,
                            opt_state=_parts(state.opt_state, state.critic_opt_state))
         train, per_update = jax.lax.scan(one_update, train,
                                          (order, jnp.arange(s.updates_per_iteration)))
@@ -466,9 +475,10 @@ class RLProgram:
         stats["skipped_nonfinite"] = jnp.sum(per_update["skipped_nonfinite"])
         # The first update runs with the rollout's parameters: its ratio must be 1.
         stats["first_ratio_max_deviation"] = per_update["ratio_max_deviation"][0]
+        params = unpartition(train.params, base)
         new_state = state.replace(
-            step=state.step + 1, params=train.params["policy"],
-            opt_state=train.opt_state["policy"], critic_params=train.params.get("critic"),
+            step=state.step + 1, params=params["policy"],
+            opt_state=train.opt_state["policy"], critic_params=params.get("critic"),
             critic_opt_state=train.opt_state.get("critic"))
         return new_state, stats
 

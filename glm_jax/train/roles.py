@@ -20,6 +20,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
@@ -135,8 +136,10 @@ def _with_critic(roles: Roles, config: ConfigDict, section: str, mesh: Mesh) -> 
         # The reward model's head, trained from here in the policy's precision.
         critic_config = roles.reward.config.replace(param_dtype=param_dtype, **lora)
         adapters = fresh_part(GlmValueModel, critic_config, config.seed, mesh)
+        # A copy (astype to its own dtype would return the same buffer, which the trained
+        # state's donation would then free under the frozen reward model).
         head = nnx.split_state(roles.reward.params, is_trained, ...)[0]
-        head = jax.tree.map(lambda x: x.astype(param_dtype), head)
+        head = jax.tree.map(lambda x: jnp.copy(x).astype(param_dtype), head)
         return dataclasses.replace(roles, critic=Role(
             graph_of(GlmValueModel, critic_config), nnx.merge_state(head, adapters),
             critic_config), critic_base="reward")
