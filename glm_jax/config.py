@@ -61,7 +61,8 @@ def default_config() -> ConfigDict:
     # lora: low-rank adapters (rank 0: none). With a rank, the models of `roles` ("sft",
     # "reward", "policy": DPO's / PPO's / GRPO's, "critic") train only adapters of that rank
     # on `targets` (comma-separated among q, k, v, o, gate, up, down), scaled by alpha / rank,
-    # and a reward model's or critic's scalar head; their base stays frozen. dropout must be 0.
+    # and a reward model's or critic's scalar head; their base stays frozen. dropout: on the
+    # adapters' input in training steps (PEFT's lora_dropout).
     config.model = ConfigDict(dict(
         init_checkpoint="", dtype="float32", param_dtype="float32", frozen_dtype="",
         moment_dtype="float32", remat="none", scan_layers=True, attention="auto",
@@ -351,8 +352,7 @@ _RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
     "model.vocab_chunk": _COUNT,
     "model.lora.rank": _at_least(0, " (0: no adapters)"),
     "model.lora.alpha": _POSITIVE,
-    "model.lora.dropout": _Rule(lambda v: v == 0, "dropout on the adapters' input is not "
-                                "implemented; 0 trains them without it"),
+    "model.lora.dropout": _Rule(lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "model.lora.targets": _Rule(lambda v: _names_among(v, LORA_TARGETS),
                                 f"must be comma-separated names among {', '.join(LORA_TARGETS)}"),
     "model.lora.roles": _Rule(lambda v: _names_among(v, LORA_ROLES),

@@ -168,3 +168,41 @@ def test_adapters_that_do_not_fit_name_the_file_and_field(tmp_path, changes, mes
     with pytest.raises(AdapterError, match=message) as raised:
         load_adapter(out, base)
     assert str(out) in str(raised.value)
+
+
+def test_lora_dropout_only_in_a_training_step_and_unbiased():
+    """Outside `lora_dropout_key` the adapters read their input whole (evaluation,
+    generation); inside, each key drops a different part; an adapter's output averaged over
+    keys is its undropped output (inverted dropout)."""
+    from glm_jax.models.glm import _layer_key, lora_dropout_key
+
+    config = glm_jax.GlmConfig(scan_layers=True)
+    model = with_adapters(GlmForCausalLM(config, rngs=nnx.Rngs(0)), ("q", "gate", "down"))
+    dropping = nnx.merge(nnx.split(GlmForCausalLM(model.config.replace(lora_dropout=0.5),
+                                                  rngs=nnx.Rngs(0)))[0], nnx.state(model))
+    ids = random_ids(2, 6)
+    whole = np.asarray(model(ids))
+    np.testing.assert_array_equal(np.asarray(dropping(ids)), whole)
+
+    @jax.jit
+    def dropped(state, key):
+        with lora_dropout_key(key):
+            return nnx.merge(nnx.split(dropping)[0], state)(ids)
+
+    first, second = (np.asarray(dropped(nnx.state(dropping), jax.random.key(i)))
+                     for i in range(2))
+    assert np.abs(first - second).max() > 1e-2 and np.abs(first - whole).max() > 1e-2
+    # One adapter (layer 0's q): linear in its input, so the mean over masks is unbiased.
+    layer_graph, stacked = nnx.split(dropping.model.layers)
+    attention = nnx.merge(layer_graph, jax.tree.map(lambda p: p[0], stacked)).self_attn
+    x = jax.random.normal(jax.random.key(7), (2, 6, config.hidden_size))
+
+    @jax.jit
+    def q_projection(key):
+        with _layer_key(key):
+            return attention._project(x, "q")
+
+    outs = np.stack([np.asarray(q_projection(jax.random.key(i))) for i in range(256)])
+    undropped = np.asarray(attention._project(x, "q"))
+    error = np.abs(outs.mean(0) - undropped) / (outs.std(0) / 16 + 1e-6)
+    assert np.median(error) < 1.5 and np.abs(outs[0] - undropped).max() > 1e-3

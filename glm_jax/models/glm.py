@@ -13,9 +13,11 @@ only its own sequence, whose positions restart at 0, as if it ran alone.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -84,6 +86,8 @@ class GlmConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    # Dropout on the adapters' input in training steps (`lora_dropout_key`), as PEFT's.
+    lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
@@ -101,6 +105,8 @@ class GlmConfig:
             raise ValueError(f"partial_rotary_factor = {self.partial_rotary_factor} with "
                              f"head_dim = {self.head_dim} gives an invalid rotary dim "
                              f"{self.rotary_dim}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout = {self.lora_dropout}: must be in [0, 1)")
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
         if self.lora_rank < 0 or unknown or (self.lora_rank > 0) != bool(self.lora_targets):
             raise ValueError(f"lora_rank = {self.lora_rank}, lora_targets = "
@@ -122,7 +128,7 @@ class GlmConfig:
 
     def without_lora(self) -> GlmConfig:
         """The base model's config: the same model with no adapters."""
-        return self.replace(lora_rank=0, lora_targets=())
+        return self.replace(lora_rank=0, lora_targets=(), lora_dropout=0.0)
 
     @property
     def compute_dtype(self) -> Any:
@@ -189,11 +195,55 @@ def _lora_pair(rngs: nnx.Rngs, config: GlmConfig, a_shape: Sequence[int],
                       logical_axes=(*b_axes, "lora_rank")))
 
 
+# LoRA dropout (PEFT's lora_dropout: on the adapters' input, in training only). A training
+# step sets a key for the step (`lora_dropout_key`, traced), GlmModel derives one per layer,
+# and each adapter folds in its own number; outside a training step there is none, and the
+# adapters see their input whole.
+_STEP_KEY: contextvars.ContextVar = contextvars.ContextVar("lora_step_key", default=None)
+_LAYER_KEY: contextvars.ContextVar = contextvars.ContextVar("lora_layer_key", default=None)
+_ADAPTER_NUMBER = {"q": 0, "k": 1, "v": 2, "o": 3, "gate_up": 4, "down": 5}
+
+
+@contextlib.contextmanager
+def lora_dropout_key(key: jax.Array | None) -> Iterator[None]:
+    """While tracing a training step's loss: the step's dropout key for every adapter of
+    every model with `lora_dropout` > 0 (the step derives it from its step count, so a
+    resumed run drops what the uninterrupted one did)."""
+    token = _STEP_KEY.set(key)
+    try:
+        yield
+    finally:
+        _STEP_KEY.reset(token)
+
+
+@contextlib.contextmanager
+def _layer_key(key: jax.Array | None) -> Iterator[None]:
+    token = _LAYER_KEY.set(key)
+    try:
+        yield
+    finally:
+        _LAYER_KEY.reset(token)
+
+
+def _adapter_input(x: jax.Array, rate: float, adapter: str) -> jax.Array:
+    """`x` with inverted dropout of `rate` when a layer key is set (a training step), else
+    `x`: what the adapter named `adapter` reads."""
+    key = _LAYER_KEY.get()
+    if key is None or not rate:
+        return x
+    keep = 1.0 - rate
+    kept = jax.random.bernoulli(jax.random.fold_in(key, _ADAPTER_NUMBER[adapter]), keep,
+                                x.shape)
+    return jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
 def _low_rank(x: jax.Array, a: nnx.Variable, b: nnx.Variable, x_dims: str, out_dims: str,
-              scale: float) -> jax.Array:
-    """`scale * B A x` for x `[batch, length, *x_dims]` -> `[batch, length, *out_dims]`; the
-    rank-sized product first, so it costs 2 x rank x (in + out) FLOPs per token."""
-    dtype = x.dtype
+              config: GlmConfig, adapter: str) -> jax.Array:
+    """`scale * B A dropout(x)` for x `[batch, length, *x_dims]` -> `[batch, length,
+    *out_dims]`; the rank-sized product first, so it costs 2 x rank x (in + out) FLOPs per
+    token."""
+    dtype, scale = x.dtype, config.lora_scale
+    x = _adapter_input(x, config.lora_dropout, adapter)
     low = jnp.einsum(f"bt{x_dims},r{x_dims}->btr", x, a[...].astype(dtype))
     return jnp.einsum(f"btr,{out_dims}r->bt{out_dims}", low * jnp.asarray(scale, dtype),
                       b[...].astype(dtype))
@@ -259,8 +309,7 @@ class Attention(nnx.Module):
         y = jnp.einsum("bte,hde->bthd", x, getattr(self, f"{name}_kernel")[...].astype(dtype))
         if hasattr(self, f"{name}_lora_a"):
             y = y + _low_rank(x, getattr(self, f"{name}_lora_a"),
-                              getattr(self, f"{name}_lora_b"), "e", "hd",
-                              self.config.lora_scale)
+                              getattr(self, f"{name}_lora_b"), "e", "hd", self.config, name)
         if self.config.attention_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
         return y
@@ -305,7 +354,7 @@ class Attention(nnx.Module):
         projected = jnp.einsum("bthd,ehd->bte", out, self.o_kernel[...].astype(cfg.compute_dtype))
         if hasattr(self, "o_lora_a"):
             projected = projected + _low_rank(out, self.o_lora_a, self.o_lora_b, "hd", "e",
-                                              cfg.lora_scale)
+                                              cfg, "o")
         return projected, layer_kv
 
 
@@ -335,7 +384,8 @@ class MLP(nnx.Module):
         gate = jnp.einsum("bte,me->btm", x, self.gate_kernel[...].astype(dtype))
         up = jnp.einsum("bte,me->btm", x, self.up_kernel[...].astype(dtype))
         if hasattr(self, "gate_up_lora_a"):
-            low = jnp.einsum("bte,re->btr", x, self.gate_up_lora_a[...].astype(dtype))
+            low = jnp.einsum("bte,re->btr", _adapter_input(x, cfg.lora_dropout, "gate_up"),
+                             self.gate_up_lora_a[...].astype(dtype))
             low = low * jnp.asarray(cfg.lora_scale, dtype)
             if hasattr(self, "gate_lora_b"):
                 gate = gate + jnp.einsum("btr,mr->btm", low, self.gate_lora_b[...].astype(dtype))
@@ -344,8 +394,8 @@ class MLP(nnx.Module):
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         out = jnp.einsum("btm,em->bte", hidden, self.down_kernel[...].astype(dtype))
         if hasattr(self, "down_lora_a"):
-            out = out + _low_rank(hidden, self.down_lora_a, self.down_lora_b, "m", "e",
-                                  cfg.lora_scale)
+            out = out + _low_rank(hidden, self.down_lora_a, self.down_lora_b, "m", "e", cfg,
+                                  "down")
         return out
 
 
@@ -464,20 +514,26 @@ class GlmModel(nnx.Module):
         index = None if cache is None else cache.index
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x: jax.Array, params: Any, layer_kv: Any) -> tuple[jax.Array, Any]:
-            return nnx.merge(graphdef, params)(x, positions, kv_mask, layer_kv, index,
-                                               segment_ids)
+        def layer(x: jax.Array, params: Any, layer_kv: Any, key: Any = None
+                  ) -> tuple[jax.Array, Any]:
+            with _layer_key(key):
+                return nnx.merge(graphdef, params)(x, positions, kv_mask, layer_kv, index,
+                                                   segment_ids)
 
         policy = REMAT_POLICIES[self.config.remat]
         if policy is not None:
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.config.scan_layers)
         if cache is None:
+            # In a training step with LoRA dropout: one dropout key per layer.
+            step_key = _STEP_KEY.get() if self.config.lora_dropout else None
+            keys = (None if step_key is None
+                    else jax.random.split(step_key, self.config.num_hidden_layers))
             if self.config.scan_layers:
-                x, _ = jax.lax.scan(lambda x, params: (layer(x, params, None)[0], None), x,
-                                    stacked)
+                x, _ = jax.lax.scan(lambda x, xs: (layer(x, xs[0], None, xs[1])[0], None), x,
+                                    (stacked, keys))
             else:
-                for params in layers or self.layer_states():
-                    x, _ = layer(x, params, None)
+                for i, params in enumerate(layers or self.layer_states()):
+                    x, _ = layer(x, params, None, None if keys is None else keys[i])
             return self.norm(x), None
 
         if not self.config.scan_layers:  # per-layer caches, each updated in place

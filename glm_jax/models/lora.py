@@ -269,7 +269,8 @@ def save_adapter(model: GlmForCausalLM, path: str | os.PathLike, *,
                if set(targets) & set(config.lora_targets)]
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.lora_rank,
-        "lora_alpha": config.lora_alpha, "lora_dropout": 0.0, "target_modules": modules,
+        "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "target_modules": modules,
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
@@ -288,7 +289,8 @@ class AdapterError(ValueError):
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     """The LoRA settings of PEFT adapter directory `path` as GlmConfig fields
-    (lora_rank, lora_alpha, lora_targets); AdapterError for what glm_jax cannot run."""
+    (lora_rank, lora_alpha, lora_dropout, lora_targets); AdapterError for what glm_jax cannot
+    run."""
     file = Path(path) / ADAPTER_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: a PEFT adapter directory holds "
@@ -322,6 +324,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
                                        f"({', '.join(PEFT_MODULES)})")
     targets = [t for peft in PEFT_MODULES if peft in modules for t in PEFT_MODULES[peft]]
     return {"lora_rank": int(raw["r"]), "lora_alpha": float(raw["lora_alpha"]),
+            "lora_dropout": float(raw.get("lora_dropout") or 0.0),
             "lora_targets": tuple(targets)}
 
 

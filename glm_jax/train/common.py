@@ -132,6 +132,7 @@ def lora_overrides(config: ConfigDict, role: str) -> dict[str, Any]:
     if not lora or not lora.rank or role not in roles:
         return {}
     return {"lora_rank": lora.rank, "lora_alpha": float(lora.alpha),
+            "lora_dropout": float(lora.dropout),
             "lora_targets": tuple(name.strip() for name in lora.targets.split(","))}
 
 

@@ -24,6 +24,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from glm_jax.models.convert import save_pretrained
+from glm_jax.models.glm import lora_dropout_key
 from glm_jax.models.lora import ADAPTER_DIR, partition, save_adapter, unpartition
 from glm_jax.sharding import Batch, batch_sharding, to_device, to_host
 from glm_jax.train.checkpoint import CheckpointDamaged, Checkpointer, save_model_config
@@ -281,7 +282,8 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: opta
     `grad_norm`, `learning_rate` and `skipped_nonfinite` to the loss function's. `state.step`
     is the schedule's step (the count of updates). With low-rank adapters in the parameters,
     only the trained part (`lora.partition`: adapters, scalar heads) gets gradients and
-    optimizer state; the frozen base passes through."""
+    optimizer state; the frozen base passes through; their dropout (if any) draws from a key
+    of `state.step`."""
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         trained, frozen = partition(state.params)
@@ -289,7 +291,10 @@ def train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: opta
         def objective(trained: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
             return loss_fn(unpartition(trained, frozen), batch)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trained, batch)
+        # LoRA dropout (models with lora_dropout > 0): a key per update, from its count.
+        with lora_dropout_key(jax.random.fold_in(jax.random.key(0), state.step)):
+            (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trained,
+                                                                                   batch)
         grad_norm = optax.tree.norm(grads)
         learning_rate = schedule(state.step)
         # A non-finite learning rate makes every update NaN with finite gradients: checked
