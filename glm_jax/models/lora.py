@@ -66,6 +66,7 @@ def _is_variable(x: Any) -> bool:
 
 
 def has_adapters(tree: Any) -> bool:
+    """Whether `tree` (a State, or a dict of them) holds any `LoRAParam`."""
     return any(isinstance(v, LoRAParam) for v in jax.tree.leaves(tree, is_leaf=_is_variable))
 
 
@@ -125,10 +126,12 @@ def frozen_fingerprint(state: Any) -> list[float]:
     frozen = ([partition(getattr(state, name))[1] for name in _params_fields(state)]
               if dataclasses.is_dataclass(state) else [partition(state)[1]])
     leaves = jax.tree.leaves([f for f in frozen if f is not None])
-    if not leaves:
-        return []
-    sums = jax.jit(lambda xs: [jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in xs])(leaves)
-    return [float(x) for x in sums]
+    return [float(x) for x in _abs_sums(leaves)] if leaves else []
+
+
+@jax.jit
+def _abs_sums(arrays: list[jax.Array]) -> list[jax.Array]:
+    return [jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in arrays]
 
 
 def base_state(params: nnx.State) -> nnx.State:
