@@ -18,6 +18,10 @@ puts rank-R adapters on q, k, v, o, gate, up and down of every trained model (al
 bases frozen in the config's frozen_dtype, the PPO critic sharing the reward model's backbone
 (critic_init "reward"), the reference the policy's base (no copy).
 
+The table's upcasts column (not in the --json rows) is the float32 copies XLA:CPU makes of
+bfloat16 arguments for its float32 dots (`cpu_upcast_bytes`), which a GPU or TPU does not
+hold: subtract it for an accelerator's estimate.
+
     python benchmarks/memory.py --models glm4_9b --programs dpo,ppo --lora 16
     python benchmarks/memory.py --models glm4_9b --programs dpo,ppo --lora 16 --mesh gpu1 \
         --devices 1 --ppo-prompts 8 --ppo-sft-batch 8 --tokens 2048   # one 80 GiB GPU
@@ -39,7 +43,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import importlib.util  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 from ml_collections import ConfigDict  # noqa: E402
 
@@ -103,6 +110,29 @@ def sized(config: ConfigDict, program: str, args: argparse.Namespace, tokens: in
     return config, args.batch, tokens
 
 
+_PARAMETER = re.compile(r"^\s*(%[\w.\-]+) = bf16\[[\d,]*\]\S* parameter\(")
+_UPCAST = re.compile(r"^\s*%[\w.\-]+ = f32\[([\d,]*)\]\S* fusion\((%[\w.\-]+)\), "
+                     r"kind=kLoop, calls=%wrapped_convert")
+
+
+def cpu_upcast_bytes(compiled: Any) -> int:
+    """Bytes of the float32 copies XLA:CPU makes of bfloat16 program arguments (its dots run
+    in float32; it converts each such weight once, in the entry computation, and feeds the
+    copy to every loop). A GPU or TPU multiplies bfloat16 natively and holds none of them."""
+    lines = compiled.as_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
+    entry = lines[start:]
+    end = next((i for i, line in enumerate(entry) if line.startswith("}")), len(entry))
+    entry = entry[:end]
+    parameters = {m.group(1) for line in entry if (m := _PARAMETER.match(line))}
+    total = 0
+    for line in entry:
+        m = _UPCAST.match(line)
+        if m and m.group(2) in parameters:
+            total += 4 * math.prod(int(d) for d in m.group(1).split(",") if d)
+    return total
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for model in args.models:
@@ -129,8 +159,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                        total_gib=round(cost.bytes_needed / GIB, 3),
                        compile_s=round(result.compile_seconds, 1))
             rows.append(row)
-            if not args.json:
-                print(" | ".join(str(v) for v in row.values()), flush=True)
+            if not args.json:  # the JSON rows keep their documented keys
+                upcasts = round(cpu_upcast_bytes(result.compiled) / GIB, 3)
+                shown = [*list(row.values())[:-1], upcasts, row["compile_s"]]
+                print(" | ".join(str(v) for v in shown), flush=True)
     return rows
 
 
@@ -162,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.json:
         print("model | program | mesh | layers | batch | tokens | argument GiB | temp GiB | "
-              "total GiB | compile s", flush=True)
+              "total GiB | XLA:CPU bf16 upcasts GiB | compile s", flush=True)
     rows = run(args)
     if args.json:
         print(json.dumps(rows, indent=1))
