@@ -31,3 +31,27 @@ def test_json_rows_have_the_documented_keys_and_consistent_figures():
     expected = 3 * params * 4 / 8 / 1024**3
     assert abs(row["argument_gib"] - expected) / expected < 0.02
     assert row["total_gib"] >= row["argument_gib"] + row["temp_gib"] - 0.002
+
+
+def test_cpu_upcasts_are_the_float32_copies_of_bfloat16_arguments():
+    """A bfloat16 weight multiplied in a loop: XLA:CPU converts it to float32 once, before
+    the loop; the benchmark's column is that copy's size (and nothing for float32 weights)."""
+    import jax
+    import jax.numpy as jnp
+
+    saved = dict(os.environ)  # the benchmark sets its XLA flags as it is imported
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from memory import cpu_upcast_bytes
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        os.environ.clear()
+        os.environ.update(saved)
+
+    def loop(w, x):
+        return jax.lax.fori_loop(0, 4, lambda i, x: jnp.tanh(x @ w)[:, :256], x)
+
+    for dtype, expected in ((jnp.bfloat16, 256 * 512 * 4), (jnp.float32, 0)):
+        w = jax.ShapeDtypeStruct((256, 512), dtype)
+        x = jax.ShapeDtypeStruct((8, 256), dtype)
+        assert cpu_upcast_bytes(jax.jit(loop).lower(w, x).compile()) == expected, dtype
