@@ -9,6 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -282,3 +283,20 @@ def recorded_losses(workdir: Path) -> list[tuple[int, float]]:
     """(step, loss) of every line of workdir/metrics.jsonl with a loss."""
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+def straight_and_resumed(train, config, section: str, workdir: Path, steps: int = 4) -> Path:
+    """Runs `steps` steps in workdir/straight, and steps/2 then (resuming) steps in
+    workdir/resumed; asserts bit-identical per-step losses. Returns a copy of the run as it
+    was at the half-way checkpoint (workdir/half)."""
+    config[section].update(num_steps=steps, checkpoint_every=steps // 2)
+    train(config, workdir / "straight")
+    config[section].num_steps = steps // 2
+    train(config, workdir / "resumed")
+    shutil.copytree(workdir / "resumed", workdir / "half")
+    config[section].num_steps = steps
+    train(config, workdir / "resumed")
+    straight = recorded_losses(workdir / "straight")
+    assert [s for s, _ in straight] == list(range(1, steps + 1))
+    assert recorded_losses(workdir / "resumed") == straight  # exact float equality
+    return workdir / "half"

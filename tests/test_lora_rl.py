@@ -12,8 +12,8 @@ from conftest import (
     TokenCountReward,
     build_rl,
     ppo_config,
-    recorded_losses,
     rl_prompts,
+    straight_and_resumed,
 )
 from flax import nnx
 
@@ -124,14 +124,7 @@ def test_lora_train_ppo_resumes_bit_identically_and_exports(tmp_path):
     config = lora_config(prompt_file=str(tmp_path / "prompts.jsonl"),
                          reward_rule="test_lora_count_e", reference_reward=False,
                          batch_size=4, minibatch_size=2, log_every=1000)
-    config.ppo.update(num_steps=4, checkpoint_every=2)
-    train_ppo(config, tmp_path / "straight")
-    config.ppo.num_steps = 2
-    train_ppo(config, tmp_path / "resumed")
-    config.ppo.num_steps = 4
-    train_ppo(config, tmp_path / "resumed")
-    straight = recorded_losses(tmp_path / "straight")
-    assert len(straight) == 4 and recorded_losses(tmp_path / "resumed") == straight
+    straight_and_resumed(train_ppo, config, "ppo", tmp_path)
     adapter = json.loads((tmp_path / "straight" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and (tmp_path / "straight" / "hf" / "model.safetensors").exists()
 

@@ -8,7 +8,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import dpo_config, recorded_losses, tiny_rm_config, tiny_sft_config
+from conftest import (
+    dpo_config,
+    recorded_losses,
+    straight_and_resumed,
+    tiny_rm_config,
+    tiny_sft_config,
+)
 from flax import nnx
 
 import glm_jax
@@ -96,15 +102,8 @@ def test_lora_sft_exports_the_merged_model_and_a_peft_adapter(lora_sft):
 
 
 def test_lora_sft_resume_is_bit_identical(tmp_path):
-    config = with_lora(tiny_sft_config(tmp_path, num_steps=6, checkpoint_every=3,
-                                       log_every=1000, eval_file=""))
-    train_sft(config, tmp_path / "straight")
-    config.sft.num_steps = 3
-    train_sft(config, tmp_path / "resumed")
-    config.sft.num_steps = 6
-    train_sft(config, tmp_path / "resumed")
-    straight = recorded_losses(tmp_path / "straight")
-    assert len(straight) == 6 and recorded_losses(tmp_path / "resumed") == straight
+    config = with_lora(tiny_sft_config(tmp_path, log_every=1000, eval_file=""))
+    straight_and_resumed(train_sft, config, "sft", tmp_path, steps=6)
 
 
 def test_resuming_adapters_on_another_base_is_refused(tmp_path):

@@ -4,7 +4,6 @@ latest checkpoint."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from conftest import (
     ppo_config,
     recorded_losses,
     separable_pairs,
+    straight_and_resumed,
     tiny_rm_config,
 )
 from ml_collections import ConfigDict
@@ -38,24 +38,6 @@ from glm_jax.train.state import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-
-def straight_and_resumed(train, config: ConfigDict, section: str, workdir: Path,
-                         steps: int = 4) -> Path:
-    """Runs `steps` steps in workdir/straight, and steps/2 then (resuming) steps in
-    workdir/resumed; asserts bit-identical per-step losses. Returns a copy of the run as it
-    was at the half-way checkpoint (workdir/half)."""
-    config[section].update(num_steps=steps, checkpoint_every=steps // 2)
-    train(config, workdir / "straight")
-    config[section].num_steps = steps // 2
-    train(config, workdir / "resumed")
-    shutil.copytree(workdir / "resumed", workdir / "half")
-    config[section].num_steps = steps
-    train(config, workdir / "resumed")
-    straight = recorded_losses(workdir / "straight")
-    assert [s for s, _ in straight] == list(range(1, steps + 1))
-    assert recorded_losses(workdir / "resumed") == straight  # exact float equality
-    return workdir / "half"
 
 
 @pytest.fixture(scope="module")
