@@ -81,10 +81,14 @@ def sample(model: GlmForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array,
 
     def body(carry):
         step, cache, logits, rng, tokens, logprobs, mask, done = carry
-        rng, key = jax.random.split(rng)
-        token = sample_token(logits, key, temperature, top_k, top_p)
-        token = jnp.where(done, pad_token_id, token)
-        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        # Named scopes label the ops for benchmarks/decode_profile.py.
+        with jax.named_scope("sampling"):
+            rng, key = jax.random.split(rng)
+            token = sample_token(logits, key, temperature, top_k, top_p)
+            token = jnp.where(done, pad_token_id, token)
+        with jax.named_scope("log_softmax"):
+            logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None],
+                                          axis=-1)[:, 0]
         active = ~done
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(active, logprob, 0.0))
@@ -92,7 +96,9 @@ def sample(model: GlmForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array,
         done = done | (active & jnp.isin(token, eos))
         hidden, cache = model.model(token[:, None], jnp.ones((batch, 1), bool), cache,
                                     layers=layers)
-        return step + 1, cache, model.logits(hidden[:, 0]), rng, tokens, logprobs, mask, done
+        with jax.named_scope("lm_head"):
+            logits = model.logits(hidden[:, 0])
+        return step + 1, cache, logits, rng, tokens, logprobs, mask, done
 
     carry = (
         jnp.zeros((), jnp.int32), cache, logits, rng,

@@ -254,12 +254,14 @@ class RMSNorm(nnx.Module):
         self.eps = config.rms_norm_eps
         self.weight = _param(rngs, nnx.initializers.ones, (config.hidden_size,), ("norm",), config)
 
+    @jax.named_scope("norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
+@jax.named_scope("rotary")
 def apply_rotary(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> jax.Array:
     """Rotary embedding on the first `rotary_dim` dims of each head, rotating interleaved pairs.
 
@@ -304,6 +306,7 @@ class Attention(nnx.Module):
             self.o_lora_a, self.o_lora_b = _lora_pair(
                 lora_rngs, config, (r, h, d), ("heads", "head_dim"), (e, r), ("embed",))
 
+    @jax.named_scope("projections")
     def _project(self, x: jax.Array, name: str) -> jax.Array:
         dtype = self.config.compute_dtype
         y = jnp.einsum("bte,hde->bthd", x, getattr(self, f"{name}_kernel")[...].astype(dtype))
@@ -339,8 +342,11 @@ class Attention(nnx.Module):
             q_slots = jnp.arange(length)
         else:
             start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
+            with jax.named_scope("cache_write"):
+                k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype),
+                                                 start)
+                v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype),
+                                                 start)
             q_slots = cache_index + jnp.arange(length)
         layer_kv = (k, v)
         implementation = cfg.attention
@@ -348,10 +354,13 @@ class Attention(nnx.Module):
             # One query per row: its [kv_length] scores are small, and the plain form is the
             # cheapest decode step.
             implementation = "dense"
-        out = attention(q, k, v, q_slots=q_slots, kv_mask=kv_mask, segment_ids=segment_ids,
-                        implementation=implementation)
+        with jax.named_scope("attention"):
+            out = attention(q, k, v, q_slots=q_slots, kv_mask=kv_mask,
+                            segment_ids=segment_ids, implementation=implementation)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        projected = jnp.einsum("bthd,ehd->bte", out, self.o_kernel[...].astype(cfg.compute_dtype))
+        with jax.named_scope("projections"):
+            projected = jnp.einsum("bthd,ehd->bte", out,
+                                   self.o_kernel[...].astype(cfg.compute_dtype))
         if hasattr(self, "o_lora_a"):
             projected = projected + _low_rank(out, self.o_lora_a, self.o_lora_b, "hd", "e",
                                               cfg, "o")
@@ -378,6 +387,7 @@ class MLP(nnx.Module):
             self.down_lora_a, self.down_lora_b = _lora_pair(lora_rngs, config, (r, m), ("mlp",),
                                                             (e, r), ("embed",))
 
+    @jax.named_scope("mlp")
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         dtype = cfg.compute_dtype
