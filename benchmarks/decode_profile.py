@@ -56,7 +56,6 @@ CATEGORIES = (
     ("copies", lambda op, name: name.startswith("copy")),
     ("loop, other", lambda op, name: True),
 )
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?(?:op_name=\"([^\"]*)\")?[^\"]*$")
 
 
 def parse_args() -> argparse.Namespace:
