@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from generate import add_shape_arguments
 
 from glm_jax.generation import sample
 from glm_jax.models.heads import GlmForCausalLM
@@ -61,14 +62,7 @@ CATEGORIES = (
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=32768)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prompt-length", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    add_shape_arguments(parser)  # benchmarks/generate.py's
     parser.add_argument("--scan-layers", action="store_true",
                         help="scanned layers (default unrolled, as generate.py times)")
     return parser.parse_args()

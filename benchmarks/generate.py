@@ -23,16 +23,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 from flax import nnx
-from transformers import GlmConfig, GlmForCausalLM
 
 import glm_jax
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and decoding shape (also benchmarks/decode_profile.py's)."""
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
@@ -41,6 +38,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lora", type=int, default=0, help="adapter rank (0: none)")
     return parser.parse_args()
@@ -131,6 +134,9 @@ def matmul_floor_seconds(model, batch: int, steps: int, repeats: int) -> float:
 
 
 def main() -> None:
+    import torch  # the reference; imported here so decode_profile.py can share the arguments
+    from transformers import GlmConfig, GlmForCausalLM
+
     args = parse_args()
     torch.manual_seed(0)
     config = GlmConfig(vocab_size=args.vocab, hidden_size=args.hidden,

@@ -174,7 +174,7 @@ def test_lora_dropout_only_in_a_training_step_and_unbiased():
     """Outside `lora_dropout_key` the adapters read their input whole (evaluation,
     generation); inside, each key drops a different part; an adapter's output averaged over
     keys is its undropped output (inverted dropout)."""
-    from glm_jax.models.glm import _layer_key, lora_dropout_key
+    from glm_jax.models.glm import _LAYER_KEY, _holding, lora_dropout_key
 
     config = glm_jax.GlmConfig(scan_layers=True)
     model = with_adapters(GlmForCausalLM(config, rngs=nnx.Rngs(0)), ("q", "gate", "down"))
@@ -199,7 +199,7 @@ def test_lora_dropout_only_in_a_training_step_and_unbiased():
 
     @jax.jit
     def q_projection(key):
-        with _layer_key(key):
+        with _holding(_LAYER_KEY, key):
             return attention._project(x, "q")
 
     outs = np.stack([np.asarray(q_projection(jax.random.key(i))) for i in range(256)])

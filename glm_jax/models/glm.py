@@ -29,15 +29,15 @@ from glm_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# Rematerialisation of the layer body in the backward pass (`GlmConfig.remat`): "none" keeps
-# every activation; "full" keeps only each layer's input and recomputes the rest; "save_dots"
-# keeps the matmul outputs (no batch dims: the projections and MLP, not attention's scores)
-# and recomputes the cheap elementwise work in between.
 # The projections a low-rank adapter can be put on (`GlmConfig.lora_targets`): attention's q,
 # k, v and o, the MLP's gate, up and down. gate and up share one A factor, as they do in
 # transformers' fused `gate_up_proj` (and so in PEFT's adapters for it).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
+# Rematerialisation of the layer body in the backward pass (`GlmConfig.remat`): "none" keeps
+# every activation; "full" keeps only each layer's input and recomputes the rest; "save_dots"
+# keeps the matmul outputs (no batch dims: the projections and MLP, not attention's scores)
+# and recomputes the cheap elementwise work in between.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -205,24 +205,19 @@ _ADAPTER_NUMBER = {"q": 0, "k": 1, "v": 2, "o": 3, "gate_up": 4, "down": 5}
 
 
 @contextlib.contextmanager
-def lora_dropout_key(key: jax.Array | None) -> Iterator[None]:
+def _holding(variable: contextvars.ContextVar, key: jax.Array | None) -> Iterator[None]:
+    token = variable.set(key)
+    try:
+        yield
+    finally:
+        variable.reset(token)
+
+
+def lora_dropout_key(key: jax.Array | None) -> contextlib.AbstractContextManager[None]:
     """While tracing a training step's loss: the step's dropout key for every adapter of
     every model with `lora_dropout` > 0 (the step derives it from its step count, so a
     resumed run drops what the uninterrupted one did)."""
-    token = _STEP_KEY.set(key)
-    try:
-        yield
-    finally:
-        _STEP_KEY.reset(token)
-
-
-@contextlib.contextmanager
-def _layer_key(key: jax.Array | None) -> Iterator[None]:
-    token = _LAYER_KEY.set(key)
-    try:
-        yield
-    finally:
-        _LAYER_KEY.reset(token)
+    return _holding(_STEP_KEY, key)
 
 
 def _adapter_input(x: jax.Array, rate: float, adapter: str) -> jax.Array:
@@ -526,7 +521,7 @@ class GlmModel(nnx.Module):
 
         def layer(x: jax.Array, params: Any, layer_kv: Any, key: Any = None
                   ) -> tuple[jax.Array, Any]:
-            with _layer_key(key):
+            with _holding(_LAYER_KEY, key):
                 return nnx.merge(graphdef, params)(x, positions, kv_mask, layer_kv, index,
                                                    segment_ids)
 

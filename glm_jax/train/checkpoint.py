@@ -248,13 +248,13 @@ def _lora_base(workdir: str | Path, model_cls: type[nnx.Module], config: GlmConf
     """The frozen base of a LoRA run in `workdir` (without adapters or head), in `config`'s
     dtypes: its config.json's model.init_checkpoint, or the tiny model of its seed."""
     from glm_jax.models.convert import HEADS, from_pretrained
-    from glm_jax.train.common import load_config
+    from glm_jax.train.common import RUNTIME_FIELDS, load_config
 
     run = load_config(workdir)
     head = next(name for name, cls in HEADS.items() if cls is model_cls)
     base_config = config.without_lora()
     if run.model.init_checkpoint:
-        keep = ("dtype", "param_dtype", "remat", "scan_layers", "attention", "vocab_chunk")
+        keep = ("dtype", "param_dtype", *RUNTIME_FIELDS)
         model = from_pretrained(run.model.init_checkpoint, mesh=mesh, head=head, seed=run.seed,
                                 **{f: getattr(base_config, f) for f in keep})
         state = nnx.state(model)

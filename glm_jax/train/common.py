@@ -128,12 +128,14 @@ def lora_overrides(config: ConfigDict, role: str) -> dict[str, Any]:
     """The GlmConfig fields of config.model.lora for a model of `role` ("sft", "reward",
     "policy", "critic"): its adapters, or none when LoRA is off or not on this role."""
     lora = config.model.get("lora")
-    roles = [name.strip() for name in lora.roles.split(",")] if lora else []
-    if not lora or not lora.rank or role not in roles:
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(name.strip() for name in text.split(","))
+
+    if not lora or not lora.rank or role not in names(lora.roles):
         return {}
     return {"lora_rank": lora.rank, "lora_alpha": float(lora.alpha),
-            "lora_dropout": float(lora.dropout),
-            "lora_targets": tuple(name.strip() for name in lora.targets.split(","))}
+            "lora_dropout": float(lora.dropout), "lora_targets": names(lora.targets)}
 
 
 def model_from_config(config: ConfigDict, head: str, mesh: Mesh, role: str = "") -> nnx.Module:
