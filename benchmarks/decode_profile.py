@@ -36,8 +36,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from decode_shapes import add_shape_arguments
 from flax import nnx
-from generate import add_shape_arguments
 
 from glm_jax.generation import sample
 from glm_jax.models.heads import GlmForCausalLM
@@ -62,7 +62,7 @@ CATEGORIES = (
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_shape_arguments(parser)  # benchmarks/generate.py's
+    add_shape_arguments(parser)  # benchmarks/generate.py's too
     parser.add_argument("--scan-layers", action="store_true",
                         help="scanned layers (default unrolled, as generate.py times)")
     return parser.parse_args()

@@ -23,21 +23,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
+from decode_shapes import add_shape_arguments
 from flax import nnx
+from transformers import GlmConfig, GlmForCausalLM
 
 import glm_jax
-
-
-def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model and decoding shape (also benchmarks/decode_profile.py's)."""
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=32768)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prompt-length", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128)
 
 
 def parse_args() -> argparse.Namespace:
@@ -134,9 +125,6 @@ def matmul_floor_seconds(model, batch: int, steps: int, repeats: int) -> float:
 
 
 def main() -> None:
-    import torch  # the reference; imported here so decode_profile.py can share the arguments
-    from transformers import GlmConfig, GlmForCausalLM
-
     args = parse_args()
     torch.manual_seed(0)
     config = GlmConfig(vocab_size=args.vocab, hidden_size=args.hidden,
