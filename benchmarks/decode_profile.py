@@ -1,11 +1,11 @@
 """Where a decode step's time goes: XLA's own profiler over `glm_jax.generation.sample`.
 
-One generation (greedy, no EOS, so every row decodes every step) is traced with
-`jax.profiler`; each executed XLA op (a fusion, a copy, a dot) is one event, named as in the
-compiled HLO, whose `op_name` metadata carries the model's named scopes (`projections`,
-`mlp`, `attention`, `cache_write`, `norm`, `rotary`, `lm_head`, `log_softmax`,
-`sampling`). Ops inside the decode `while` body are summed per category and divided by the
-number of decode steps:
+One generation (greedy unless `--temperature`; no EOS, so every row decodes every step) is
+traced with `jax.profiler`; each executed XLA op (a fusion, a copy, a dot) is one event,
+named as in the compiled HLO, whose `op_name` metadata carries the model's named scopes
+(`projections`, `mlp`, `attention`, `cache_write`, `norm`, `rotary`, `lm_head`,
+`log_softmax`, `sampling`). Ops inside the decode `while` body are summed per category and
+divided by the number of decode steps:
 
   weight matmuls    the q/k/v/o and MLP projections' dots (the floor any generator pays)
   LM head           the `[batch, embed] x [vocab, embed]` dot
@@ -14,7 +14,7 @@ number of decode steps:
   norms, rotary     RMSNorm and the rotary embedding
   MLP elementwise   SwiGLU's activation and product, the residual adds
   log-softmax       the sampled token's log-prob
-  sampling          the token choice (argmax when greedy)
+  sampling          the token choice (argmax when greedy, else the two-level draw)
   copies            XLA copy ops
   loop, other       the while loop's bookkeeping (token/mask/log-prob writes, EOS check)
 
@@ -94,7 +94,8 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
 
     def generate(state, prompts):
         return sample(nnx.merge(graphdef, state), prompts, jnp.ones_like(prompts, bool),
-                      jax.random.key(0), max_new_tokens=args.new_tokens, temperature=0.0,
+                      jax.random.key(0), max_new_tokens=args.new_tokens,
+                      temperature=args.temperature,
                       eos_token_ids=(args.vocab + 1,), pad_token_id=0).tokens
 
     compiled = jax.jit(generate).lower(state, prompts).compile()
@@ -118,10 +119,12 @@ def profile(args: argparse.Namespace) -> dict[str, float]:
                     continue  # not an op of the decode loop (the prefill, the runtime)
                 seconds[category(op, event.name)] += event.duration_ns * 1e-9
     steps = args.new_tokens
+    choice = f"temperature {args.temperature}" if args.temperature else "greedy"
     print(f"model: hidden {args.hidden}, {args.layers} layers "
           f"({'scanned' if args.scan_layers else 'unrolled'}), {args.heads} heads / "
           f"{args.kv_heads} kv heads, vocab {args.vocab}; batch {args.batch}, prompt "
-          f"{args.prompt_length}, {steps} new tokens, greedy; jax {jax.__version__} "
+          f"{args.prompt_length}, {steps} new tokens, "
+          f"{choice}; jax {jax.__version__} "
           f"({jax.devices()[0].platform})")
     print(f"whole generation unprofiled: {unprofiled * 1e3:.1f} ms "
           f"({unprofiled / steps * 1e3:.2f} ms per decode step, prefill included)")

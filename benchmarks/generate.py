@@ -1,6 +1,7 @@
 """New tokens per second: glm_jax.generate against transformers' GlmForCausalLM.generate.
 
-Same random weights, same prompts, greedy, both on CPU, one run; the ratio is what to compare
+Same random weights, same prompts, greedy (or `--temperature T`: sampled from the whole
+vocabulary), both on CPU, one run, timed in interleaved rounds; the ratios are what to compare
 (absolute figures depend on the machine and its load).
 
     python benchmarks/generate.py [--hidden 512 --layers 8 --batch 8 --new-tokens 128]
@@ -35,7 +36,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_arguments(parser)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="interleaved timing rounds; the best of each is reported")
     parser.add_argument("--lora", type=int, default=0, help="adapter rank (0: none)")
     return parser.parse_args()
 
@@ -76,9 +78,10 @@ def lora_decoding(model, prompts: np.ndarray, args: argparse.Namespace) -> None:
         return out.tokens
 
     same = np.mean(np.asarray(low_rank(state, prompts)) == np.asarray(merged(state, prompts)))
-    low_s = best_seconds(lambda: jax.block_until_ready(low_rank(state, prompts)), args.repeats)
-    merged_s = best_seconds(lambda: jax.block_until_ready(merged(state, prompts)),
+    best = interleaved_best({"low": lambda: jax.block_until_ready(low_rank(state, prompts)),
+                             "merged": lambda: jax.block_until_ready(merged(state, prompts))},
                             args.repeats)
+    low_s, merged_s = best["low"], best["merged"]
     tokens = args.batch * args.new_tokens
     print(f"LoRA rank {args.lora} on q, k, v, o, gate, up, down (unrolled layers):")
     print(f"  low-rank products : {tokens / low_s:8.1f} tokens/s ({low_s:.3f} s)")
@@ -86,19 +89,12 @@ def lora_decoding(model, prompts: np.ndarray, args: argparse.Namespace) -> None:
           f"merged / low-rank {low_s / merged_s:.2f}x; greedy tokens identical: {same:.1%})")
 
 
-def best_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def matmul_floor_seconds(model, batch: int, steps: int, repeats: int) -> float:
-    """Seconds for `steps` decode steps' worth of the model's weight matmuls alone, through
-    XLA's dot on the same kernels in the same `[out, in]` layout, `[batch, in]` activations,
-    chained so none is hoisted or skipped. No generator built on XLA's CPU dots can beat it.
+def matmul_floor(model, batch: int, steps: int):
+    """A compiled, warmed-up program that runs `steps` decode steps' worth of the model's
+    weight matmuls alone, through XLA's dot on the same kernels in the same `[out, in]`
+    layout, `[batch, in]` activations, chained so none is hoisted or skipped: the least time
+    any generator built on XLA's CPU dots spends on the decode steps (no prefill, no attention
+    over the cache, no sampling). Call it for the seconds of one run.
     """
     matrices = []
     for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -121,7 +117,19 @@ def matmul_floor_seconds(model, batch: int, steps: int, repeats: int) -> float:
         return jax.lax.fori_loop(0, steps, step, jnp.float32(1.0))
 
     jax.block_until_ready(decode_matmuls(matrices))
-    return best_seconds(lambda: jax.block_until_ready(decode_matmuls(matrices)), repeats)
+    return lambda: jax.block_until_ready(decode_matmuls(matrices))
+
+
+def interleaved_best(runs: dict, rounds: int) -> dict:
+    """Best seconds of each of `runs` (name -> callable), timed in turn in each of `rounds`
+    rounds, so a change in the machine's load falls on all of them alike."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(seconds) for name, seconds in times.items()}
 
 
 def main() -> None:
@@ -144,7 +152,7 @@ def main() -> None:
 
     def ours(model=model):
         out = glm_jax.generate(model, prompts, max_new_tokens=args.new_tokens,
-                               temperature=0.0, eos_token_ids=[never])
+                               temperature=args.temperature, eos_token_ids=[never])
         return jax.block_until_ready(out.tokens)
 
     def ours_scanned():
@@ -152,22 +160,27 @@ def main() -> None:
 
     ids = torch.tensor(prompts)
 
+    sampling = (dict(do_sample=False) if args.temperature == 0 else
+                dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0))
+
     def theirs():
         with torch.no_grad():
             return reference.generate(ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=args.new_tokens,
-                                      min_new_tokens=args.new_tokens, do_sample=False,
-                                      eos_token_id=None, pad_token_id=0)
+                                      min_new_tokens=args.new_tokens, eos_token_id=None,
+                                      pad_token_id=0, **sampling)
 
     start = time.perf_counter()
     ours()
     compile_seconds = time.perf_counter() - start
     theirs()  # warm-up
     ours_scanned()
-    ours_s, theirs_s = best_seconds(ours, args.repeats), best_seconds(theirs, args.repeats)
-    scanned_s = best_seconds(ours_scanned, args.repeats)
     agree = np.mean(np.asarray(ours()) == theirs()[:, args.prompt_length:].numpy())
-    floor_s = matmul_floor_seconds(model, args.batch, args.new_tokens, args.repeats)
+    best = interleaved_best({"ours": ours, "scanned": ours_scanned, "theirs": theirs,
+                             "floor": matmul_floor(model, args.batch, args.new_tokens)},
+                            args.repeats)
+    ours_s, scanned_s, theirs_s, floor_s = (best[name] for name in
+                                            ("ours", "scanned", "theirs", "floor"))
 
     tokens = args.batch * args.new_tokens
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -175,13 +188,16 @@ def main() -> None:
           f"({torch.get_num_threads()} threads)")
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / "
           f"{args.kv_heads} kv heads, vocab {args.vocab}; batch {args.batch}, prompt "
-          f"{args.prompt_length}, {args.new_tokens} new tokens, greedy")
-    print(f"glm_jax.generate : {tokens / ours_s:8.1f} tokens/s ({ours_s:.3f} s; first call "
-          f"with compilation {compile_seconds:.1f} s)")
-    print(f"  scanned layers : {tokens / scanned_s:8.1f} tokens/s ({scanned_s:.3f} s)")
+          f"{args.prompt_length}, {args.new_tokens} new tokens, "
+          + (f"sampled at temperature {args.temperature}" if args.temperature else "greedy"))
+    print(f"glm_jax.generate : {tokens / ours_s:8.1f} tokens/s ({ours_s:.3f} s, "
+          f"{floor_s / ours_s:.1%} of the floor; first call with compilation "
+          f"{compile_seconds:.1f} s)")
+    print(f"  scanned layers : {tokens / scanned_s:8.1f} tokens/s ({scanned_s:.3f} s, "
+          f"{floor_s / scanned_s:.1%} of the floor; {ours_s / scanned_s:.2f}x unrolled)")
     print(f"transformers     : {tokens / theirs_s:8.1f} tokens/s ({theirs_s:.3f} s)")
-    print(f"speed-up         : {theirs_s / ours_s:.2f}x   (greedy tokens identical: "
-          f"{agree:.1%})")
+    print(f"speed-up         : {theirs_s / ours_s:.2f}x"
+          + (f"   (greedy tokens identical: {agree:.1%})" if not args.temperature else ""))
     print(f"matmul floor     : {tokens / floor_s:8.1f} tokens/s ({floor_s:.3f} s: the weight "
           f"matmuls alone; at most {theirs_s / floor_s:.2f}x for any XLA generator)")
     if args.lora:

@@ -53,13 +53,62 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     return logits
 
 
+def greedy_token(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, axis=-1)` (the first of equal maxima) as int32 `[batch]`: a max,
+    then the lowest index holding it (or the first NaN, as argmax). Two vectorised
+    reductions; XLA:CPU's argmax is one reduce over (value, index) pairs and takes several
+    times as long over a 32k vocabulary."""
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    hit = (logits == best) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, vocab, logits.shape[-1]), axis=-1)
+
+
+# Tokens per block of the two-level draw in `categorical_token`.
+SAMPLING_BLOCK = 256
+
+
+def categorical_token(logits: jax.Array, rng: jax.Array) -> jax.Array:
+    """One token per row with probability softmax(logits), as int32 `[batch]`.
+
+    logits: `[batch, vocab]` float32; -inf entries are never drawn. Inverse-CDF sampling in
+    two levels from two uniform numbers per row: a block of `SAMPLING_BLOCK` tokens with
+    probability its mass, then a token of the block with probability its share of it.
+    `jax.random.categorical` draws a Gumbel number per vocabulary entry instead: at GLM-4's
+    151552 tokens and batch 64 that is 139 ms per decode step on a 2-core CPU, against 4.8 ms
+    here. The running sums stay short (vocab / 256 blocks, then 256 tokens), so each token's
+    share of the unit interval is its probability up to float32 rounding of its block's mass.
+    """
+    batch, vocab = logits.shape
+    blocks = -(-vocab // SAMPLING_BLOCK)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.pad(weights, ((0, 0), (0, blocks * SAMPLING_BLOCK - vocab)))
+    weights = weights.reshape(batch, blocks, SAMPLING_BLOCK)
+    block_u, token_u = jax.random.uniform(rng, (2, batch))
+    block = _inverse_cdf(weights.sum(-1), block_u)
+    within = _inverse_cdf(jnp.take_along_axis(weights, block[:, None, None], axis=1)[:, 0],
+                          token_u)
+    return block * SAMPLING_BLOCK + within
+
+
+def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """Index i of `weights` `[batch, n]` (>= 0, not all 0) with u `[batch]` in [0, 1) in its
+    interval [sum(w[:i]), sum(w[:i + 1])) of the total: weight 0 is never picked (the
+    rounding of u * total up to the total falls back to the last positive weight)."""
+    cumulative = jnp.cumsum(weights, axis=-1)
+    point = u * cumulative[:, -1]
+    index = jnp.sum(cumulative <= point[:, None], axis=-1, dtype=jnp.int32)
+    positions = jnp.arange(weights.shape[-1], dtype=jnp.int32)
+    last_positive = jnp.max(jnp.where(weights > 0, positions, 0), axis=-1)
+    return jnp.minimum(index, last_positive)
+
+
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int,
                  top_p: float) -> jax.Array:
     """One token per row from float32 logits `[batch, vocab]`; temperature 0 is greedy."""
     if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits / temperature, top_k, top_p)
-    return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+        return greedy_token(logits)
+    return categorical_token(filter_logits(logits / temperature, top_k, top_p), rng)
 
 
 def sample(model: GlmForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,

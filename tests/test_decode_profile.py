@@ -15,7 +15,7 @@ def test_every_part_of_a_decode_step_is_found(capsys):
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     args = argparse.Namespace(hidden=64, layers=2, heads=4, kv_heads=2, vocab=512, batch=2,
-                              prompt_length=4, new_tokens=8, scan_layers=False)
+                              prompt_length=4, new_tokens=8, temperature=1.0, scan_layers=False)
     seconds = profile(args)
     for part in ("weight matmuls", "LM head", "attention", "cache writes", "norms, rotary",
                  "sampling"):

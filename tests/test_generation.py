@@ -1,5 +1,7 @@
 """Generation against full forward passes and against transformers' generate."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,15 @@ import pytest
 import torch
 
 import glm_jax
-from glm_jax.generation import _generate_jit, filter_logits
+from glm_jax.generation import (
+    SAMPLING_BLOCK,
+    _generate_jit,
+    _inverse_cdf,
+    categorical_token,
+    filter_logits,
+    greedy_token,
+    sample,
+)
 from glm_jax.models import KVCache
 
 NEVER = 10_000  # an EOS id outside the vocab: generate every step
@@ -62,7 +72,7 @@ def test_logprobs_equal_full_forward_log_softmax(setup, settings):
     tokens = np.asarray(out.tokens)
     expected = np.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
     # Untempered and unfiltered: what the trainer's forward pass will compute.
-    np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=1e-6, rtol=0)
 
 
 def test_cached_logits_equal_uncached(setup):
@@ -158,6 +168,78 @@ def test_sampling_never_leaves_the_top_k_top_p_set(setup, top_k, top_p):
         for t in range(tokens.shape[1]):
             assert tokens[b, t] in np_top_k_top_p_set(logits[b, t], top_k, top_p)
     assert len(set(tokens[:, 0].tolist())) > 1  # it does sample: rows with equal prompts differ
+
+
+def test_greedy_token_is_argmax_with_ties_and_nan():
+    logits = np.random.RandomState(0).normal(size=(5, 700)).astype(np.float32)
+    logits[1, [3, 400, 699]] = 9.0  # ties: the first index wins
+    logits[2, [10, 20]] = np.nan  # NaN: the first NaN, as argmax
+    logits[3, :] = -np.inf
+    logits[4, 699] = np.inf
+    np.testing.assert_array_equal(np.asarray(greedy_token(jnp.asarray(logits))),
+                                  np.argmax(logits, axis=-1))
+
+
+def test_categorical_token_draws_softmax_probabilities():
+    """200k draws over a vocab of 3 blocks (the last one partial) with -inf entries: the
+    frequency of every token is its softmax probability within 5 standard errors, and no
+    -inf token is ever drawn."""
+    vocab, draws = 2 * SAMPLING_BLOCK + 37, 200_000
+    rng = np.random.RandomState(1)
+    logits = rng.normal(size=vocab).astype(np.float32) * 2.5
+    logits[rng.choice(vocab, 60, replace=False)] = -np.inf
+    logits[SAMPLING_BLOCK:2 * SAMPLING_BLOCK] = -np.inf  # a whole block of mass 0
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    tokens = jax.jit(jax.vmap(lambda key: categorical_token(jnp.asarray(logits)[None], key)))(
+        jax.random.split(jax.random.key(0), draws))
+    counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab)
+    assert counts[probs == 0].sum() == 0 and counts.sum() == draws
+    standard_error = np.sqrt(probs * (1 - probs) / draws)
+    assert np.all(np.abs(counts / draws - probs) <= 5 * standard_error + 1e-9)
+
+
+def test_inverse_cdf_never_picks_a_zero_weight():
+    weights = jnp.asarray([[0.0, 2.0, 0.0, 1.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                           [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]])
+    below_one = np.nextafter(np.float32(1), np.float32(0))
+    for u, expected in ((0.0, [1, 0, 2]), (below_one, [3, 0, 3]), (0.5, [1, 0, 3])):
+        np.testing.assert_array_equal(
+            np.asarray(_inverse_cdf(weights, jnp.full((3,), u, jnp.float32))), expected)
+
+
+def test_decode_loop_copies_no_cache_and_no_kernel():
+    """The compiled generation never transposes a projection kernel (a dot on the [out, in]
+    layout reads it at decoding's small batch) and its decode loop copies no layer's KV
+    cache (decode attention reads it in the stored layout)."""
+    from flax import nnx
+
+    from glm_jax.models.heads import GlmForCausalLM
+    from glm_jax.models.tiny import tiny_config
+
+    config = tiny_config(scan_layers=False)
+    graphdef, state = nnx.split(GlmForCausalLM(config, rngs=nnx.Rngs(0)))
+    prompt = jnp.ones((2, 5), jnp.int32)
+
+    def run(state, prompt):
+        return sample(nnx.merge(graphdef, state), prompt, jnp.ones_like(prompt, bool),
+                      jax.random.key(0), max_new_tokens=30, temperature=1.0,
+                      eos_token_ids=(NEVER,), pad_token_id=0).tokens
+
+    hlo = jax.jit(run).lower(state, prompt).compile().as_text()
+    e, d = config.hidden_size, config.head_dim
+    transposed_kernels = {(e, config.num_attention_heads * d), (e, config.num_key_value_heads * d),
+                          (config.num_attention_heads * d, e), (e, config.intermediate_size),
+                          (config.intermediate_size, e)}
+    cache_elements = 2 * config.num_key_value_heads * 35 * d
+    for line in hlo.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%((?:transpose|copy)[\w.-]*) = \w+\[([\d,]*)\]", line)
+        if not match:
+            continue
+        shape = tuple(int(n) for n in match.group(2).split(",") if n)
+        assert shape not in transposed_kernels or "kernel" not in line, line
+        if "/while/body" in line:
+            assert np.prod(shape) < cache_elements, line
 
 
 def test_same_shapes_do_not_recompile(setup):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from glm_jax.models.attention import IMPLEMENTATIONS, attention
+from glm_jax.models.attention import IMPLEMENTATIONS, attention, decode_attention
 from glm_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -142,10 +142,12 @@ class GlmConfig:
 class KVCache:
     """Static-size key/value cache.
 
-    keys, values: with scanned layers one `[layers, batch, max_length, num_kv_heads,
+    keys, values: with scanned layers one `[layers, batch, num_kv_heads, max_length,
     head_dim]` array, stacked like the parameters; unrolled (`scan_layers=False`) a tuple of
-    per-layer `[batch, max_length, num_kv_heads, head_dim]` arrays, each updated in place
-    (XLA:CPU copies a layer's slice of a stacked cache at every decode step).
+    per-layer `[batch, num_kv_heads, max_length, head_dim]` arrays, each updated in place
+    (XLA:CPU copies a layer's slice of a stacked cache at every decode step). The kv heads
+    come before the length: decode attention's batched dots read the cache in this layout
+    (`decode_attention`), and XLA would otherwise copy the whole cache at every step.
     mask: `[batch, max_length]` bool, which slots hold a real token.
     index: int32 scalar, the next slot to write.
     """
@@ -157,8 +159,8 @@ class KVCache:
 
     @classmethod
     def init(cls, config: GlmConfig, batch_size: int, max_length: int) -> KVCache:
-        layer = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
-        axes = ("batch", "cache_length", "kv_heads", "head_dim")
+        layer = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        axes = ("batch", "kv_heads", "cache_length", "head_dim")
 
         def zeros() -> jax.Array | tuple[jax.Array, ...]:
             if config.scan_layers:
@@ -304,7 +306,12 @@ class Attention(nnx.Module):
     @jax.named_scope("projections")
     def _project(self, x: jax.Array, name: str) -> jax.Array:
         dtype = self.config.compute_dtype
-        y = jnp.einsum("bte,hde->bthd", x, getattr(self, f"{name}_kernel")[...].astype(dtype))
+        kernel = getattr(self, f"{name}_kernel")[...].astype(dtype)
+        heads, head_dim, embed = kernel.shape
+        # A 2-D dot on the kernel's [out, in] layout: with two output dims XLA canonicalises
+        # the dot by copying the kernel to [in, out], slow to read at decoding's small batch.
+        y = jnp.einsum("bte,ne->btn", x, kernel.reshape(heads * head_dim, embed))
+        y = y.reshape(*y.shape[:2], heads, head_dim)
         if hasattr(self, f"{name}_lora_a"):
             y = y + _low_rank(x, getattr(self, f"{name}_lora_a"),
                               getattr(self, f"{name}_lora_b"), "e", "hd", self.config, name)
@@ -319,7 +326,7 @@ class Attention(nnx.Module):
         """x: `[batch, length, embed]` -> (`[batch, length, embed]`, this layer's cache with
         these tokens written (or, uncached, these tokens' keys and values)).
 
-        cache_kv: this layer's cached (keys, values) `[batch, max_length, kv_heads, head_dim]`
+        cache_kv: this layer's cached (keys, values) `[batch, kv_heads, max_length, head_dim]`
         or None; the new tokens are written at slots `cache_index...` and attended there.
         kv_mask: `[batch, kv_length]` real-token mask over the keys (the cache slots when
         cached); causality is by slot: the query written at slot i sees slots <= i.
@@ -334,28 +341,28 @@ class Attention(nnx.Module):
         k = apply_rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
         length = x.shape[1]
         if cache_kv is None:
-            q_slots = jnp.arange(length)
+            layer_kv = (k, v)
+            with jax.named_scope("attention"):
+                out = attention(q, k, v, q_slots=jnp.arange(length), kv_mask=kv_mask,
+                                segment_ids=segment_ids, implementation=cfg.attention)
         else:
-            start = (0, cache_index, 0, 0)
             with jax.named_scope("cache_write"):
-                k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype),
-                                                 start)
-                v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype),
-                                                 start)
-            q_slots = cache_index + jnp.arange(length)
-        layer_kv = (k, v)
-        implementation = cfg.attention
-        if cache_kv is not None and length == 1 and implementation == "auto":
-            # One query per row: its [kv_length] scores are small, and the plain form is the
-            # cheapest decode step.
-            implementation = "dense"
-        with jax.named_scope("attention"):
-            out = attention(q, k, v, q_slots=q_slots, kv_mask=kv_mask,
-                            segment_ids=segment_ids, implementation=implementation)
+                layer_kv = tuple(
+                    jax.lax.dynamic_update_slice(
+                        cached, new.swapaxes(1, 2).astype(cached.dtype), (0, 0, cache_index, 0))
+                    for cached, new in zip(cache_kv, (k, v), strict=True))
+            with jax.named_scope("attention"):
+                if length == 1 and cfg.attention == "auto":
+                    out = decode_attention(q, *layer_kv, q_slot=cache_index, kv_mask=kv_mask)
+                else:  # prefill: the kernels take [batch, kv_len, kv_heads, head_dim]
+                    k, v = (kv.swapaxes(1, 2) for kv in layer_kv)
+                    out = attention(q, k, v, q_slots=cache_index + jnp.arange(length),
+                                    kv_mask=kv_mask, implementation=cfg.attention)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         with jax.named_scope("projections"):
-            projected = jnp.einsum("bthd,ehd->bte", out,
-                                   self.o_kernel[...].astype(cfg.compute_dtype))
+            kernel = self.o_kernel[...].astype(cfg.compute_dtype)
+            projected = jnp.einsum("btn,en->bte", out.reshape(*out.shape[:2], -1),
+                                   kernel.reshape(kernel.shape[0], -1))
         if hasattr(self, "o_lora_a"):
             projected = projected + _low_rank(out, self.o_lora_a, self.o_lora_b, "hd", "e",
                                               cfg, "o")
@@ -559,9 +566,9 @@ class GlmModel(nnx.Module):
                 x, (k, v) = layer(x, params, (keys[i], values[i]))
 
                 def write(stacked_kv: jax.Array, layer_kv: jax.Array) -> jax.Array:
-                    new = jax.lax.dynamic_slice_in_dim(layer_kv, cache.index, length, axis=1)
+                    new = jax.lax.dynamic_slice_in_dim(layer_kv, cache.index, length, axis=2)
                     return jax.lax.dynamic_update_slice(stacked_kv, new[None],
-                                                        (i, 0, cache.index, 0, 0))
+                                                        (i, 0, 0, cache.index, 0))
 
                 return (x, write(keys, k), write(values, v)), None
 
