@@ -354,7 +354,7 @@ class Attention(nnx.Module):
             with jax.named_scope("attention"):
                 if length == 1 and cfg.attention == "auto":
                     out = decode_attention(q, *layer_kv, q_slot=cache_index, kv_mask=kv_mask)
-                else:  # prefill: the kernels take [batch, kv_len, kv_heads, head_dim]
+                else:  # prefill (or a chosen kernel): it takes [batch, kv_len, kv_heads, head_dim]
                     k, v = (kv.swapaxes(1, 2) for kv in layer_kv)
                     out = attention(q, k, v, q_slots=cache_index + jnp.arange(length),
                                     kv_mask=kv_mask, implementation=cfg.attention)
