@@ -1,4 +1,5 @@
-"""Data utilities: tokenizer and GLM chat templates, preference records, cleaning, batching."""
+"""Data utilities: tokenizer and GLM chat templates, preference records, converters from
+other formats, cleaning, batching."""
 
 from glm_jax.data.cleaning import (
     balance_by_length,
@@ -8,6 +9,17 @@ from glm_jax.data.cleaning import (
     length_bias_by_bucket,
     preference_stats,
     tokenizer_length,
+)
+from glm_jax.data.converters import (
+    SOURCE_FORMATS,
+    ConversionError,
+    ConversionReport,
+    Dialogue,
+    Skip,
+    convert_file,
+    convert_record,
+    parse_hh_transcript,
+    parse_messages,
 )
 from glm_jax.data.datasets import (
     PreferenceDataset,
@@ -38,8 +50,12 @@ from glm_jax.data.tokenizer import (
 __all__ = [
     "CHATGLM3_TEMPLATE",
     "GLM4_TEMPLATE",
+    "SOURCE_FORMATS",
     "ChatTemplate",
+    "ConversionError",
+    "ConversionReport",
     "DataError",
+    "Dialogue",
     "PreferenceDataset",
     "SFTDataset",
     "PreferencePair",
@@ -47,15 +63,20 @@ __all__ = [
     "ReadReport",
     "Record",
     "SFTExample",
+    "Skip",
     "TokenizationReport",
     "TokenizedPair",
     "Tokenizer",
     "balance_by_length",
+    "convert_file",
+    "convert_record",
     "drop_cycles",
     "drop_ties",
     "encode_chat",
     "format_table",
     "length_bias_by_bucket",
+    "parse_hh_transcript",
+    "parse_messages",
     "preference_stats",
     "read_jsonl",
     "tokenize_pair",
