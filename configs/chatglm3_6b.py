@@ -20,5 +20,6 @@ def get_config(mesh: str = "gpu8") -> ConfigDict:
     config = paper_recipe(default_config())
     config.mesh = mesh_preset(mesh)
     config.model.init_checkpoint = "checkpoints/chatglm3-6b"
-    config.data.template = "chatglm3"
+    # The chat template of the checkpoint's tokenizer_config.json; "chatglm3" is glm_jax's own.
+    config.data.template = "checkpoint"
     return config

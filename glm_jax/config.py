@@ -70,12 +70,16 @@ def default_config() -> ConfigDict:
         lora=ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,
                              targets="q,k,v,o,gate,up,down",
                              roles="sft,reward,policy,critic"))))
-    # tokenizer: a directory with tokenizer.json / tokenizer.model; empty means the init
+    # tokenizer: a directory with tokenizer.json / tokenizer.model (and the checkpoint's
+    # tokenizer_config.json / generation_config.json beside it); empty means the init
     # checkpoint's, or the bundled tiny tokenizer.
+    # template: "auto" renders with the tokenizer's own chat_template (tokenizer_config.json)
+    # when it ships one, else glm_jax's GLM-4 format; "checkpoint" requires the tokenizer's
+    # own; "glm4" / "chatglm3" are glm_jax's built-in formats.
     # special_tokens: what becomes of a chat template's special token (an EOS, a role token)
     # written inside a record's text: "plain" encodes it as ordinary text, "refuse" drops the
     # record (both counted in the tokenization report).
-    config.data = ConfigDict(dict(tokenizer="", template="glm4", max_prompt_tokens=64,
+    config.data = ConfigDict(dict(tokenizer="", template="auto", max_prompt_tokens=64,
                                   max_response_tokens=64, truncation="truncate",
                                   on_error="raise", special_tokens="plain"))
     # Supervised fine-tuning: loss on response tokens only; the result is exported to
@@ -439,11 +443,11 @@ _RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
 def _choices() -> dict[str, tuple[str, ...]]:
     """The valid values of every choice field ("*.field" as in `_RULES`), read from the code
     that uses them (imported here: those modules import this one)."""
+    from glm_jax.data.chat_template import TEMPLATE_NAMES
     from glm_jax.data.tokenizer import SPECIAL_TOKEN_MODES
     from glm_jax.losses import AGGREGATIONS, KLKind
     from glm_jax.models.attention import IMPLEMENTATIONS
     from glm_jax.models.glm import DTYPES, REMAT_POLICIES
-    from glm_jax.train.common import TEMPLATES
     from glm_jax.train.dpo import MODES
     from glm_jax.train.rl import ALGORITHMS
     from glm_jax.train.roles import CRITIC_INITS
@@ -454,7 +458,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "model.dtype": dtypes, "model.param_dtype": dtypes, "model.moment_dtype": dtypes,
         "model.frozen_dtype": ("", *dtypes),
         "model.remat": tuple(REMAT_POLICIES), "model.attention": IMPLEMENTATIONS,
-        "data.template": tuple(TEMPLATES), "data.truncation": ("truncate", "drop"),
+        "data.template": TEMPLATE_NAMES, "data.truncation": ("truncate", "drop"),
         "data.on_error": ("raise", "skip"), "data.special_tokens": SPECIAL_TOKEN_MODES,
         "*.best_mode": ("max", "min"),
         "dpo.mode": MODES,

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from glm_jax.data.tokenizer import GLM4_TEMPLATE, ChatTemplate, Tokenizer, encode_chat
+from glm_jax.data.chat_template import GLM4_TEMPLATE, Template, encode_chat, response_text
+from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.models.glm import KVCache
 from glm_jax.models.heads import GlmForCausalLM, last_token_index
 
@@ -224,7 +225,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarr
 
 
 def generate_text(model: GlmForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str], *,
-                  template: ChatTemplate = GLM4_TEMPLATE, max_new_tokens: int = 64,
+                  template: Template = GLM4_TEMPLATE, max_new_tokens: int = 64,
                   **sampling) -> list[str]:
     """Chat-formats `prompts`, generates, and decodes each response up to its EOS.
 
@@ -239,5 +240,6 @@ def generate_text(model: GlmForCausalLM, tokenizer: Tokenizer, prompts: Sequence
     tokens, response = np.asarray(out.tokens), np.asarray(out.response_mask)
     texts = []
     for row, keep in zip(tokens, response, strict=True):
-        texts.append(tokenizer.decode(row[keep & ~np.isin(row, eos)].tolist()))
+        texts.append(response_text(template, tokenizer.decode(row[keep & ~np.isin(row, eos)]
+                                                              .tolist())))
     return texts

@@ -6,9 +6,9 @@
 
 `hh` and `chosen_rejected` give preference records; `messages` gives sft records (dialogues
 ending with the assistant's turn) or prompt records (ending with the user's). Records that
-cannot be converted (a system message, turns that do not alternate, identical responses, ...)
-are skipped and counted by reason; with --strict the first one is an error (exit 1) and no
-output is written. The formats: glm_jax/data/converters.py.
+cannot be converted (a system message after the first message, turns that do not alternate,
+identical responses, ...) are skipped and counted by reason; with --strict the first one is
+an error (exit 1) and no output is written. The formats: glm_jax/data/converters.py.
 """
 
 from __future__ import annotations

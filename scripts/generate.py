@@ -13,13 +13,12 @@ from pathlib import Path
 
 import glm_jax
 from glm_jax import cli
-from glm_jax.data import CHATGLM3_TEMPLATE, GLM4_TEMPLATE, Tokenizer
+from glm_jax.data import Tokenizer
+from glm_jax.data.chat_template import TEMPLATE_NAMES, template_for
 from glm_jax.generation import generate_text
 from glm_jax.models.convert import read_config
 from glm_jax.models.tiny import write_tiny_checkpoint
 from glm_jax.train.common import check_vocab
-
-TEMPLATES = {"glm4": GLM4_TEMPLATE, "chatglm3": CHATGLM3_TEMPLATE}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="write a tiny random checkpoint (to --workdir) and generate from it")
     parser.add_argument("--workdir", type=Path, help="where --demo writes its checkpoint")
     parser.add_argument("--prompt", action="append", help="a user prompt (repeatable)")
-    parser.add_argument("--template", choices=sorted(TEMPLATES), default="glm4")
+    parser.add_argument("--template", choices=TEMPLATE_NAMES, default="auto",
+                        help="auto: the checkpoint's own chat_template (tokenizer_config.json) "
+                             "when it ships one, else glm4")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=0)
@@ -60,9 +61,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     tokenizer = Tokenizer.from_dir(checkpoint)
     check_vocab(tokenizer, vocab_size, str(checkpoint / "config.json"), str(tokenizer.path))
     model = glm_jax.from_pretrained(checkpoint, dtype=args.dtype, mesh=mesh)
-    kwargs = dict(template=TEMPLATES[args.template], max_new_tokens=args.max_new_tokens,
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  rng=args.seed)
+    kwargs = dict(template=template_for(args.template, tokenizer),
+                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, rng=args.seed)
     for attempt in ("compile + run", "run"):  # the second call reuses the compiled program
         start = time.perf_counter()
         texts = generate_text(model, tokenizer, prompts, **kwargs)

@@ -26,8 +26,8 @@ from glm_jax.data import (
     read_jsonl,
     write_jsonl,
 )
+from glm_jax.data.chat_template import encode_chat
 from glm_jax.data.records import DataError
-from glm_jax.data.tokenizer import encode_chat
 from glm_jax.models.tiny import tiny_config
 from glm_jax.sharding import make_mesh
 from glm_jax.train import dpo as dpo_module

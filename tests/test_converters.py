@@ -110,7 +110,7 @@ CR_ROWS = [
      PreferencePair("Q", "A", "B", id="sys0")),
     ({"id": "sys", "prompt": "Q", "chosen": msgs("Q", "A", system="Be brief."),
       "rejected": msgs("Q", "B", system="Be brief.")},
-     Skipped("system message", "chosen[0]: a system message cannot be carried yet")),
+     PreferencePair("Q", "A", "B", id="sys", system="Be brief.")),
     ({"id": "mismatch", "prompt": "Other question", "chosen": msgs("Q", "A"),
       "rejected": msgs("Q", "B")},
      Skipped("prompt mismatch", "prompt: 'Other question' is not the last user turn ('Q')")),
@@ -118,6 +118,9 @@ CR_ROWS = [
       "rejected": msgs("Q", "B")},
      Skipped("different context", "rejected: its turns before the response differ from chosen's "
                                   "(first at turn 1; chosen has 3 such turns, rejected 1)")),
+    ({"id": "sysdiff", "prompt": "Q", "chosen": msgs("Q", "A", system="Be brief."),
+      "rejected": msgs("Q", "B")},
+     Skipped("different context", "rejected: its system message differs from chosen's")),
     ({"id": "last", "prompt": "More", "chosen": msgs("Q", "A", "More"),
       "rejected": msgs("Q", "A", "More")},
      Skipped("wrong last turn", "chosen[2].role: the last turn is the user's; expected an "
@@ -173,8 +176,15 @@ MESSAGES_ROWS = [
      SFTExample("Et toi ?", "Oui\n\nAssistant: oui", history=(("Human: hi" + FAKE_HH, "Ça va"),)),
      Skipped("wrong last turn", "messages[3].role")),
     ({"messages": msgs("Q", "A", system="You are GLM.")},
-     Skipped("system message", "messages[0]: a system message cannot be carried yet"),
-     Skipped("system message", "messages[0]: a system message cannot be carried yet")),
+     SFTExample("Q", "A", system="You are GLM."),
+     Skipped("wrong last turn", "messages[2].role")),
+    ({"messages": msgs("Hi", "Hello", "Q", system="You are GLM.")},
+     Skipped("wrong last turn", "messages[3].role"),
+     PromptExample("Q", history=(("Hi", "Hello"),), system="You are GLM.")),
+    ({"messages": [*msgs("Q", "A"), {"role": "system", "content": "late"}]},
+     Skipped("system message", "messages[2]: a system message after the first message is not "
+                               "supported"),
+     Skipped("system message", "messages[2]: a system message after the first message")),
     ({"messages": msgs("Only a question")},
      Skipped("wrong last turn", "messages[0].role"),
      PromptExample("Only a question")),
@@ -262,7 +272,7 @@ def test_openai_messages(tmp_path, suffix, kind):
     path, locations = write_source(tmp_path, [r for r, *_ in rows], suffix)
     expected = [sft if kind == "sft" else prompt for _, sft, prompt in rows]
     records, _ = check_conversion(tmp_path, path, locations, expected, "messages", kind)
-    assert len(records) == 2
+    assert len(records) == 3
 
 
 def test_gzipped_jsonl(tmp_path):
@@ -279,11 +289,11 @@ def test_gzipped_jsonl(tmp_path):
 STRICT_CASES = [  # (format, kind, two good rows, a bad row, the start of its error)
     ("hh", "preference", [HH_ROWS[0][0], HH_ROWS[1][0]], HH_ROWS[4][0],
      "rejected: the same response as chosen"),
-    ("chosen_rejected", "preference", [CR_ROWS[0][0], CR_ROWS[2][0]], CR_ROWS[3][0],
-     "chosen[0]: a system message cannot be carried yet"),
+    ("chosen_rejected", "preference", [CR_ROWS[0][0], CR_ROWS[2][0]], CR_ROWS[4][0],
+     "prompt: 'Other question' is not the last user turn"),
     ("messages", "sft", [MESSAGES_ROWS[0][0], MESSAGES_ROWS[2][0]], MESSAGES_ROWS[1][0],
      "messages[2].role: the last turn is the user's"),
-    ("messages", "prompt", [MESSAGES_ROWS[1][0], MESSAGES_ROWS[4][0]], MESSAGES_ROWS[6][0],
+    ("messages", "prompt", [MESSAGES_ROWS[1][0], MESSAGES_ROWS[4][0]], MESSAGES_ROWS[8][0],
      "messages[2].role: expected 'user', got 'assistant'"),
 ]
 
@@ -320,8 +330,10 @@ def test_parse_functions():
     with pytest.raises(ConversionError) as info:
         parse_messages([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}],
                        "chosen")
-    assert (info.value.field, info.value.reason) == ("chosen[1].role", "turns not alternating")
-    assert str(info.value).startswith("chosen[1].role: expected 'assistant', got 'system'")
+    assert (info.value.field, info.value.reason) == ("chosen[1]", "system message")
+    assert str(info.value).startswith("chosen[1]: a system message after the first message")
+    assert parse_messages(msgs("a", "b", system="s")) == Dialogue((), "a", "b", "s")
+    assert parse_messages(msgs("a", system=" ")) == Dialogue((), "a", None)  # empty: dropped
     assert isinstance(info.value, DataError)
 
 

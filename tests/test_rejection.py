@@ -94,10 +94,10 @@ def test_only_responses_that_survive_the_text_round_trip_are_trainable():
     samples = ScoredSamples(tokens=tokens, response_mask=mask,
                             ended_with_eos=np.ones((1, len(rows)), bool),
                             rewards=np.zeros((1, len(rows)), np.float32))
-    texts = samples.texts(tokenizer)
+    texts = samples.texts(tokenizer, GLM4_TEMPLATE)
     assert texts[0][:2] == ["hello world"] * 2
-    np.testing.assert_array_equal(rejection.trainable(samples, texts, tokenizer),
-                                  [[True, False, False, False]])
+    ok = rejection.trainable(samples, texts, [PromptExample("q")], tokenizer, GLM4_TEMPLATE)
+    np.testing.assert_array_equal(ok, [[True, False, False, False]])
 
 
 def test_parse_min_reward():

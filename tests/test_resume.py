@@ -27,7 +27,7 @@ from conftest import (
 )
 from ml_collections import ConfigDict
 
-from glm_jax.data import PromptExample, write_jsonl
+from glm_jax.data import GLM4_TEMPLATE, PromptExample, write_jsonl
 from glm_jax.sharding import make_mesh
 from glm_jax.train.checkpoint import Checkpointer
 from glm_jax.train.dpo import train_dpo
@@ -221,7 +221,8 @@ def test_sigterm_while_sampling_reference_responses_exits_0_writing_nothing(
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     with pytest.raises(SystemExit) as exit_info:
         ppo.prepare_prompts(config, tmp_path, policy, reward_model, ids, ids > 0,
-                            [PromptExample(f"q{i}") for i in range(4)], Tokenizer.tiny(), mesh)
+                            [PromptExample(f"q{i}") for i in range(4)], Tokenizer.tiny(),
+                            GLM4_TEMPLATE, mesh)
     assert exit_info.value.code == 0
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
     assert ("SIGTERM asked to stop: abandoned sampling for the reference responses; nothing "

@@ -126,9 +126,9 @@ def test_glm4_template_render_exact() -> None:
 def test_chatglm3_template_render_exact() -> None:
     expected = (
         "[gMASK]sop"
-        "<|user|>\nWhat is 1+1?<|assistant|>\n2"
-        "<|user|>\nAnd {2+2}?<|assistant|>\n4"
-        "<|user|>\nThanks!<|assistant|>"
+        "<|user|>\n What is 1+1?<|assistant|>\n 2"
+        "<|user|>\n And {2+2}?<|assistant|>\n 4"
+        "<|user|>\n Thanks!<|assistant|>"
     )
     assert CHATGLM3_TEMPLATE.render("Thanks!", HISTORY) == expected
 

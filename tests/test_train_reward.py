@@ -9,7 +9,8 @@ import pytest
 from conftest import separable_pairs, tiny_rm_config
 from flax import nnx
 
-from glm_jax.data.tokenizer import GLM4_TEMPLATE, Tokenizer
+from glm_jax.data.chat_template import GLM4_TEMPLATE
+from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.models.heads import GlmRewardModel
 from glm_jax.sharding import MeshConfig, batch_sharding, make_mesh, to_device
 from glm_jax.train.checkpoint import load_trained_model

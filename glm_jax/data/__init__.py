@@ -1,6 +1,15 @@
 """Data utilities: tokenizer and GLM chat templates, preference records, converters from
 other formats, cleaning, batching."""
 
+from glm_jax.data.chat_template import (
+    CHATGLM3_TEMPLATE,
+    GLM4_TEMPLATE,
+    ChatTemplate,
+    JinjaChatTemplate,
+    encode_chat,
+    encode_response,
+    template_for,
+)
 from glm_jax.data.cleaning import (
     balance_by_length,
     drop_cycles,
@@ -39,13 +48,7 @@ from glm_jax.data.records import (
     read_jsonl,
     write_jsonl,
 )
-from glm_jax.data.tokenizer import (
-    CHATGLM3_TEMPLATE,
-    GLM4_TEMPLATE,
-    ChatTemplate,
-    Tokenizer,
-    encode_chat,
-)
+from glm_jax.data.tokenizer import Tokenizer
 
 __all__ = [
     "CHATGLM3_TEMPLATE",
@@ -56,6 +59,7 @@ __all__ = [
     "ConversionReport",
     "DataError",
     "Dialogue",
+    "JinjaChatTemplate",
     "PreferenceDataset",
     "SFTDataset",
     "PreferencePair",
@@ -73,12 +77,14 @@ __all__ = [
     "drop_cycles",
     "drop_ties",
     "encode_chat",
+    "encode_response",
     "format_table",
     "length_bias_by_bucket",
     "parse_hh_transcript",
     "parse_messages",
     "preference_stats",
     "read_jsonl",
+    "template_for",
     "tokenize_pair",
     "tokenize_record",
     "tokenizer_length",

@@ -17,9 +17,10 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from glm_jax.data.chat_template import Template
 from glm_jax.data.datasets import Truncation, tokenize_record
 from glm_jax.data.records import read_jsonl
-from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
+from glm_jax.data.tokenizer import Tokenizer
 
 # Token-id features of each record kind (every response ends with EOS).
 FEATURES = {"preference": ("prompt", "chosen", "rejected"), "sft": ("prompt", "response"),
@@ -78,7 +79,7 @@ def _check_kind(kind: str) -> None:
 
 
 def register_seqio_tasks(name_prefix: str, files: Mapping[str, Mapping[str, str | Path]], *,
-                         tokenizer: Tokenizer, template: ChatTemplate, max_prompt_tokens: int,
+                         tokenizer: Tokenizer, template: Template, max_prompt_tokens: int,
                          max_response_tokens: int, truncation: Truncation = "truncate"
                          ) -> list[str]:
     """Registers one seqio Task per record kind in `files` and returns their names.
@@ -127,7 +128,7 @@ class GlmJaxRecords(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def __init__(self, *, kind: str, files: Mapping[str, str | Path], tokenizer: Tokenizer,
-                 template: ChatTemplate, max_prompt_tokens: int, max_response_tokens: int,
+                 template: Template, max_prompt_tokens: int, max_response_tokens: int,
                  truncation: Truncation = "truncate", **kwargs: Any):
         _check_kind(kind)
         self.kind, self.files = kind, dict(files)

@@ -23,9 +23,8 @@ Three source formats, each read from JSONL (``.jsonl``, or gzipped ``.jsonl.gz``
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
 In every format the turns alternate user, assistant, ... starting with the user (in message
-lists, after an optional leading system message). glm_jax records have no system field yet, so
-a record with a system message is skipped, never converted without it (an empty system message
-is dropped: nothing is lost).
+lists, after an optional leading system message, which becomes the record's ``system``; an
+empty one is dropped, and a system message anywhere else is skipped as unsupported).
 The last user turn is the record's ``prompt``, the last assistant turn its response, and the
 (user, assistant) pairs before them its ``history``. An ``id`` field (string or integer) becomes
 a ``PreferencePair``'s id; SFT and prompt records have no id.
@@ -78,15 +77,17 @@ class Dialogue:
     history: History  # the (user, assistant) pairs before the last user turn
     prompt: str  # the last user turn
     response: str | None  # the assistant turn after it; None when the user's turn is last
+    system: str | None = None  # a leading system message
 
 
-def _dialogue(contents: list[str]) -> Dialogue:
+def _dialogue(contents: list[str], system: str | None = None) -> Dialogue:
     """The Dialogue of already-validated alternating turns (user first)."""
     if len(contents) % 2 == 0:
         earlier, prompt, response = contents[:-2], contents[-2], contents[-1]
     else:
         earlier, prompt, response = contents[:-1], contents[-1], None
-    return Dialogue(tuple(zip(earlier[0::2], earlier[1::2], strict=True)), prompt, response)
+    return Dialogue(tuple(zip(earlier[0::2], earlier[1::2], strict=True)), prompt, response,
+                    system)
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
@@ -126,14 +127,16 @@ _ROLES = ("user", "assistant", "system")
 def parse_messages(messages: Any, field: str = "messages") -> Dialogue:
     """Splits a list of ``{"role": "user"|"assistant"|"system", "content": str}`` messages.
 
-    A leading system message with empty content is dropped; any other system message raises
-    ``ConversionError`` (reason ``"system message"``): glm_jax records cannot carry it yet.
+    A leading system message becomes the dialogue's ``system`` (dropped when its content is
+    empty); a system message anywhere else raises ``ConversionError`` (reason
+    ``"system message"``): chat templates render one system message, before the dialogue.
     Other keys of a message are ignored. Errors name the message, e.g. ``chosen[3].content``.
     """
     if not isinstance(messages, list):
         raise ConversionError(field, f"expected an array of messages, got "
                               f"{_json_type(messages)}", "wrong type")
     contents: list[str] = []
+    system: str | None = None
     for index, message in enumerate(messages):
         where = f"{field}[{index}]"
         if not isinstance(message, dict):
@@ -150,10 +153,12 @@ def parse_messages(messages: Any, field: str = "messages") -> Dialogue:
         if role not in _ROLES:
             raise ConversionError(f"{where}.role", f"expected one of {list(_ROLES)}, got "
                                                    f"{role!r}", "unknown role")
-        if role == "system" and index == 0:
-            if content.strip():
-                raise ConversionError(where, "a system message cannot be carried yet (glm_jax "
-                                             "records have no system field)", "system message")
+        if role == "system":
+            if index != 0:
+                raise ConversionError(where, "a system message after the first message is not "
+                                             "supported (records carry one, before the dialogue)",
+                                      "system message")
+            system = content if content.strip() else None
             continue
         expected = "user" if len(contents) % 2 == 0 else "assistant"
         if role != expected:
@@ -163,7 +168,7 @@ def parse_messages(messages: Any, field: str = "messages") -> Dialogue:
         contents.append(content)
     if not contents:
         raise ConversionError(field, "no user or assistant messages", "no turns")
-    return _dialogue(contents)
+    return _dialogue(contents, system)
 
 
 def _require(obj: dict[str, Any], name: str) -> Any:
@@ -204,9 +209,12 @@ def _pair(obj: dict[str, Any], parse: Callable[[Any, str], Dialogue], last_turn:
                               f"rejected {len(other)})", "different context")
     if chosen.response.strip() == rejected.response.strip():
         raise ConversionError("rejected", "the same response as chosen", "identical responses")
+    if chosen.system != rejected.system:
+        raise ConversionError("rejected", "its system message differs from chosen's",
+                              "different context")
     return PreferencePair(prompt=chosen.prompt, chosen=chosen.response,
                           rejected=rejected.response, history=chosen.history,
-                          id=_record_id(obj))
+                          id=_record_id(obj), system=chosen.system)
 
 
 def _hh_pair(obj: dict[str, Any]) -> PreferencePair:
@@ -244,12 +252,13 @@ def _messages_sft(obj: dict[str, Any]) -> SFTExample:
     if not dialogue.response.strip():
         raise ConversionError(f"messages[{len(obj['messages']) - 1}].content",
                               "the response is empty or whitespace-only", "empty response")
-    return SFTExample(dialogue.prompt, dialogue.response, dialogue.history)
+    return SFTExample(dialogue.prompt, dialogue.response, dialogue.history,
+                      system=dialogue.system)
 
 
 def _messages_prompt(obj: dict[str, Any]) -> PromptExample:
     dialogue = _messages_dialogue(obj, "user")
-    return PromptExample(dialogue.prompt, dialogue.history)
+    return PromptExample(dialogue.prompt, dialogue.history, system=dialogue.system)
 
 
 _CONVERTERS: dict[tuple[str, str], Callable[[dict[str, Any]], Record]] = {

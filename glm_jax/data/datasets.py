@@ -19,14 +19,9 @@ from typing import Literal
 import grain
 import numpy as np
 
+from glm_jax.data.chat_template import Template, encode_chat, encode_response
 from glm_jax.data.records import PreferencePair, PromptExample, SFTExample
-from glm_jax.data.tokenizer import (
-    SPECIAL_TOKEN_MODES,
-    ChatTemplate,
-    SpecialTokens,
-    Tokenizer,
-    encode_chat,
-)
+from glm_jax.data.tokenizer import SPECIAL_TOKEN_MODES, SpecialTokens, Tokenizer
 
 Truncation = Literal["truncate", "drop"]
 
@@ -173,7 +168,7 @@ def pack_greedy(lengths: Sequence[int], max_length: int, num_open: int = 8) -> l
     return rows
 
 
-def _check_limits(tokenizer: Tokenizer, template: ChatTemplate, max_prompt_tokens: int,
+def _check_limits(tokenizer: Tokenizer, template: Template, max_prompt_tokens: int,
                   max_response_tokens: int) -> int:
     num_prefix = len(tokenizer.encode(template.prefix))
     if max_prompt_tokens <= num_prefix:
@@ -186,24 +181,25 @@ def _check_limits(tokenizer: Tokenizer, template: ChatTemplate, max_prompt_token
 
 
 def _tokenize_parts(
-    prompt_text: str, history, responses: Sequence[str], tokenizer: Tokenizer,
-    template: ChatTemplate, num_prefix: int, max_prompt_tokens: int, max_response_tokens: int,
-    truncation: Truncation, special_tokens: SpecialTokens = "plain",
+    record: PreferencePair | SFTExample | PromptExample, responses: Sequence[str],
+    tokenizer: Tokenizer, template: Template, num_prefix: int, max_prompt_tokens: int,
+    max_response_tokens: int, truncation: Truncation, special_tokens: SpecialTokens = "plain",
 ) -> tuple[tuple[list[int], list[list[int]]] | None, int, int, bool]:
     """((prompt ids, response ids) or None if dropped, prompts truncated, responses truncated,
     whether the record's text holds a special-token string).
 
-    Every response ends with EOS; special-token strings in the record's text are encoded as
-    plain text, or with ``special_tokens="refuse"`` drop the record.
+    Every response ends with EOS (`encode_response`); special-token strings in the record's
+    text are encoded as plain text, or with ``special_tokens="refuse"`` drop the record.
     """
     _check_modes(truncation, special_tokens)
-    texts = [prompt_text, *(turn for pair in history for turn in pair), *responses]
+    context = (record.prompt, record.history, record.system)
+    texts = [record.prompt, record.system or "", *(turn for pair in record.history
+                                                   for turn in pair), *responses]
     special = any(tokenizer.special_tokens_in(text) for text in texts)
     if special and special_tokens == "refuse":
         return None, 0, 0, True
-    prompt = encode_chat(tokenizer, template, prompt_text, history)
-    eos = tokenizer.eos_token_ids[0]
-    encoded = [tokenizer.encode_plain(r) + [eos] for r in responses]
+    prompt = encode_chat(tokenizer, template, *context)
+    encoded = [encode_response(tokenizer, template, r, *context) for r in responses]
     prompt_over = len(prompt) > max_prompt_tokens
     responses_over = [len(r) > max_response_tokens for r in encoded]
     if truncation == "drop" and (prompt_over or any(responses_over)):
@@ -213,21 +209,22 @@ def _tokenize_parts(
         # dialogue turns matter least for judging the final response.
         keep = max_prompt_tokens - num_prefix
         prompt = prompt[:num_prefix] + prompt[-keep:]
-    encoded = [r[: max_response_tokens - 1] + [eos] if over else r
+    # A cut response keeps its last token, the EOS that ends it.
+    encoded = [r[: max_response_tokens - 1] + r[-1:] if over else r
                for r, over in zip(encoded, responses_over, strict=True)]
     return (prompt, encoded), int(prompt_over), sum(responses_over), special
 
 
 def _tokenize(
-    pair: PreferencePair, tokenizer: Tokenizer, template: ChatTemplate, num_prefix: int,
+    pair: PreferencePair, tokenizer: Tokenizer, template: Template, num_prefix: int,
     max_prompt_tokens: int, max_response_tokens: int, truncation: Truncation,
     special_tokens: SpecialTokens = "plain",
 ) -> tuple[TokenizedPair | None, int, int, bool]:
     """(tokenized pair or None if dropped, prompts truncated, responses truncated, whether
     its text holds a special-token string)."""
     parts, n_prompt, n_responses, special = _tokenize_parts(
-        pair.prompt, pair.history, (pair.chosen, pair.rejected), tokenizer, template,
-        num_prefix, max_prompt_tokens, max_response_tokens, truncation, special_tokens)
+        pair, (pair.chosen, pair.rejected), tokenizer, template, num_prefix, max_prompt_tokens,
+        max_response_tokens, truncation, special_tokens)
     if parts is None:
         return None, 0, 0, special
     prompt, (chosen, rejected) = parts
@@ -240,7 +237,7 @@ def _tokenize(
 def tokenize_record(
     record: PreferencePair | SFTExample | PromptExample,
     tokenizer: Tokenizer,
-    template: ChatTemplate,
+    template: Template,
     *,
     max_prompt_tokens: int,
     max_response_tokens: int,
@@ -258,9 +255,9 @@ def tokenize_record(
         names, texts = ("response",), (record.response,)
     else:
         names, texts = (), ()
-    parts, _, _, _ = _tokenize_parts(record.prompt, record.history, texts, tokenizer, template,
-                                     num_prefix, max_prompt_tokens, max_response_tokens,
-                                     truncation, special_tokens)
+    parts, _, _, _ = _tokenize_parts(record, texts, tokenizer, template, num_prefix,
+                                     max_prompt_tokens, max_response_tokens, truncation,
+                                     special_tokens)
     if parts is None:
         return None
     prompt, responses = parts
@@ -270,7 +267,7 @@ def tokenize_record(
 def tokenize_pair(
     pair: PreferencePair,
     tokenizer: Tokenizer,
-    template: ChatTemplate,
+    template: Template,
     *,
     max_prompt_tokens: int,
     max_response_tokens: int,
@@ -292,7 +289,7 @@ def tokenize_pair(
 def tokenize_prompts(
     prompts: Sequence[PromptExample],
     tokenizer: Tokenizer,
-    template: ChatTemplate,
+    template: Template,
     *,
     max_prompt_tokens: int,
     truncation: Truncation = "truncate",
@@ -305,7 +302,7 @@ def tokenize_prompts(
     truncated = special_plain = special_dropped = 0
     for prompt in prompts:
         parts, n_prompt, _, special = _tokenize_parts(
-            prompt.prompt, prompt.history, (), tokenizer, template, num_prefix,
+            prompt, (), tokenizer, template, num_prefix,
             max_prompt_tokens, 2, truncation, special_tokens)
         out.append(None if parts is None else parts[0])
         truncated += n_prompt
@@ -394,7 +391,7 @@ class PreferenceDataset(_BatchedDataset):
         self,
         pairs: Sequence[PreferencePair],
         tokenizer: Tokenizer,
-        template: ChatTemplate,
+        template: Template,
         *,
         batch_size: int,
         max_prompt_tokens: int,
@@ -503,7 +500,7 @@ class SFTDataset(_BatchedDataset):
         self,
         examples: Sequence[SFTExample],
         tokenizer: Tokenizer,
-        template: ChatTemplate,
+        template: Template,
         *,
         batch_size: int,
         max_prompt_tokens: int,
@@ -530,8 +527,8 @@ class SFTDataset(_BatchedDataset):
         prompts_truncated = responses_truncated = special_plain = special_dropped = 0
         for example in examples:
             parts, n_prompt, n_response, special = _tokenize_parts(
-                example.prompt, example.history, (example.response,), tokenizer, template,
-                num_prefix, max_prompt_tokens, max_response_tokens, truncation, special_tokens)
+                example, (example.response,), tokenizer, template, num_prefix,
+                max_prompt_tokens, max_response_tokens, truncation, special_tokens)
             prompts_truncated += n_prompt
             responses_truncated += n_response
             special_plain += special and parts is not None

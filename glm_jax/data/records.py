@@ -2,7 +2,9 @@
 
 One JSON object per line. Field names match the dataclass fields; ``history`` is a list of
 ``[user, assistant]`` string pairs (earlier turns of the dialogue). Unknown fields are ignored, so
-files may carry extra metadata. ``null`` is accepted for the optional ``task`` and ``id``.
+files may carry extra metadata. ``system`` is an optional system message, rendered before the
+dialogue by the chat template. ``null`` is accepted for the optional ``task``, ``id`` and
+``system``.
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ class PreferencePair:
     task: str | None = None
     tie: bool = False
     id: str | None = None
+    system: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; fields at their default are left out."""
         out: dict[str, Any] = {
             "prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected,
         }
+        if self.system is not None:
+            out["system"] = self.system
         if self.history:
             out["history"] = _history_json(self.history)
         if self.task is not None:
@@ -63,10 +68,13 @@ class SFTExample:
     response: str
     history: History = ()
     task: str | None = None
+    system: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; fields at their default are left out."""
         out: dict[str, Any] = {"prompt": self.prompt, "response": self.response}
+        if self.system is not None:
+            out["system"] = self.system
         if self.history:
             out["history"] = _history_json(self.history)
         if self.task is not None:
@@ -81,10 +89,13 @@ class PromptExample:
     prompt: str
     history: History = ()
     task: str | None = None
+    system: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; fields at their default are left out."""
         out: dict[str, Any] = {"prompt": self.prompt}
+        if self.system is not None:
+            out["system"] = self.system
         if self.history:
             out["history"] = _history_json(self.history)
         if self.task is not None:
@@ -113,10 +124,10 @@ class ReadReport:
 
 # kind -> (record class, required text fields, optional text fields, non-empty text fields)
 _SCHEMAS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "preference": (PreferencePair, ("prompt", "chosen", "rejected"), ("task", "id"),
+    "preference": (PreferencePair, ("prompt", "chosen", "rejected"), ("task", "id", "system"),
                    ("chosen", "rejected")),
-    "sft": (SFTExample, ("prompt", "response"), ("task",), ("response",)),
-    "prompt": (PromptExample, ("prompt",), ("task",), ()),
+    "sft": (SFTExample, ("prompt", "response"), ("task", "system"), ("response",)),
+    "prompt": (PromptExample, ("prompt",), ("task", "system"), ()),
 }
 
 _JSON_TYPE_NAMES = {

@@ -243,7 +243,7 @@ class Pipeline:
         from glm_jax.train.common import template_from_config
 
         ppo, rows = self.config.ppo, [p for p in prompts for _ in range(samples)]
-        template = template_from_config(self.config)
+        template = template_from_config(self.config, tokenizer)
         out: list[str] = []
         for start in tqdm(range(0, len(rows), SAMPLE_ROWS), desc=desc, unit="batch",
                           leave=False):
@@ -319,7 +319,7 @@ class Pipeline:
         graphdef, params = nnx.split(model)
         mesh = make_mesh((1, 1, 1), jax.devices()[:1])
         tokenizer = Tokenizer.from_dir(self.path(name))
-        template = template_from_config(self.config)
+        template = template_from_config(self.config, tokenizer)
         out = []
         for file in pairs_files:
             batches, tasks = eval_batches(_pairs(self.data / file), tokenizer, template,
@@ -411,7 +411,6 @@ class Pipeline:
 
         prompts, _ = read_jsonl(self.data / "eval_prompts.jsonl", "prompt")
         capability, _ = read_jsonl(self.data / "capability.jsonl", "sft")
-        template = template_from_config(self.config)
         reward_model = load_trained_model(self.path("rm"), GlmRewardModel,
                                           overrides=runtime_overrides(self.config))
         samples = self.config.pipeline.eval_samples
@@ -423,6 +422,7 @@ class Pipeline:
             hf = self.path(name, "hf")
             model = glm_jax.from_pretrained(hf, **runtime_overrides(self.config))
             tokenizer = Tokenizer.from_dir(hf)
+            template = template_from_config(self.config, tokenizer)
             respond = functools.partial(generate_text, model, tokenizer, template=template,
                                         max_new_tokens=limit, temperature=0.0)
             greedy = respond(texts)

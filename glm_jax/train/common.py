@@ -10,13 +10,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from glm_jax.data.chat_template import Template, template_for
 from glm_jax.data.records import PromptExample, read_jsonl
-from glm_jax.data.tokenizer import (
-    CHATGLM3_TEMPLATE,
-    GLM4_TEMPLATE,
-    ChatTemplate,
-    Tokenizer,
-)
+from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.models.convert import HEADS, from_pretrained, read_config, require_kind
 from glm_jax.models.glm import GlmConfig
 from glm_jax.models.heads import GlmRewardModel
@@ -32,8 +28,6 @@ from glm_jax.sharding import (
 from glm_jax.train.checkpoint import load_model_config, load_trained_model
 from glm_jax.train.workdir import write_file
 
-TEMPLATES = {"glm4": GLM4_TEMPLATE, "chatglm3": CHATGLM3_TEMPLATE}
-
 
 def mesh_from_config(config: ConfigDict) -> Mesh:
     """The mesh of `config.mesh` over every process's devices (starting the multi-process
@@ -42,11 +36,10 @@ def mesh_from_config(config: ConfigDict) -> Mesh:
     return make_mesh(MeshConfig(**config.mesh))
 
 
-def template_from_config(config: ConfigDict) -> ChatTemplate:
-    name = config.data.template
-    if name not in TEMPLATES:
-        raise ValueError(f"config.data.template = {name!r}; choose one of {sorted(TEMPLATES)}")
-    return TEMPLATES[name]
+def template_from_config(config: ConfigDict, tokenizer: Tokenizer) -> Template:
+    """The chat template config.data.template names, for `tokenizer` ("auto": the tokenizer's
+    own chat_template when its tokenizer_config.json has one, else glm_jax's GLM-4 format)."""
+    return template_for(config.data.template, tokenizer)
 
 
 def tokenizer_from_config(config: ConfigDict) -> Tokenizer:
@@ -169,10 +162,11 @@ def model_config_from_config(config: ConfigDict, role: str = "") -> GlmConfig:
 
 
 def save_tokenizer(tokenizer: Tokenizer, workdir: str | Path) -> None:
-    """Copies the tokenizer file beside the checkpoints, under the name `Tokenizer.from_dir`
-    looks for, so the workdir is self-contained."""
-    name = "tokenizer.json" if tokenizer.path.suffix == ".json" else "tokenizer.model"
-    write_file(Path(workdir) / name, Path(tokenizer.path).read_bytes())
+    """Copies the tokenizer file, with its tokenizer_config.json and generation_config.json,
+    beside the checkpoints under the names `Tokenizer.from_dir` looks for, so the workdir is
+    self-contained."""
+    for name, contents in tokenizer.files().items():
+        write_file(Path(workdir) / name, contents)
 
 
 def is_main_process() -> bool:

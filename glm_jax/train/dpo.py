@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from glm_jax.config import validate_config
+from glm_jax.data.chat_template import Template
 from glm_jax.data.datasets import PreferenceDataset
 from glm_jax.data.records import (
     PreferencePair,
@@ -40,7 +41,7 @@ from glm_jax.data.records import (
     parse_records,
     read_jsonl,
 )
-from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
+from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.losses import dpo_loss, masked_mean, sequence_logprobs
 from glm_jax.models.heads import GlmForCausalLM
 from glm_jax.models.lora import base_graphdef, base_state
@@ -279,6 +280,7 @@ def pairs_from_samples(prompts: Sequence[PromptExample], samples: ScoredSamples,
         out.append(ScoredPair(
             PreferencePair(prompt=prompt.prompt, chosen=texts[index][b],
                            rejected=texts[index][w], history=prompt.history,
+                           system=prompt.system,
                            task=prompt.task, id=str(index)),
             chosen_reward=float(samples.rewards[index, b]),
             rejected_reward=float(samples.rewards[index, w])))
@@ -300,7 +302,7 @@ def _pair_settings(config: ConfigDict) -> dict[str, Any]:
 
 
 def reward_pairs(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
-                 tokenizer: Tokenizer, template: ChatTemplate, mesh: Mesh
+                 tokenizer: Tokenizer, template: Template, mesh: Mesh
                  ) -> list[PreferencePair]:
     """The pairs of mode "reward_pairs": built with `policy` (the initial model) and written to
     `workdir/reward_pairs.jsonl`, or read back from there when an earlier run with the same
@@ -322,7 +324,7 @@ def reward_pairs(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
 
 
 def _build_pairs(config: ConfigDict, path: Path, policy: GlmForCausalLM,
-                 tokenizer: Tokenizer, template: ChatTemplate, mesh: Mesh
+                 tokenizer: Tokenizer, template: Template, mesh: Mesh
                  ) -> list[ScoredPair]:
     """`reward_pairs`' pairs, sampled and scored afresh (`path` names them in messages)."""
     dpo, data = config.dpo, config.data
@@ -337,8 +339,9 @@ def _build_pairs(config: ConfigDict, path: Path, policy: GlmForCausalLM,
     samples = sample_prompts(policy, reward_model, ids, mask, num_samples=dpo.num_samples,
                              batch_size=dpo.batch_size * dpo.num_samples, settings=sampling,
                              seed=config.seed, mesh=mesh, desc="sampling pairs")
-    texts = samples.texts(tokenizer)
-    examples = [SFTExample(prompt=p.prompt, response=text, history=p.history, task=p.task)
+    texts = samples.texts(tokenizer, template)
+    examples = [SFTExample(prompt=p.prompt, response=text, history=p.history, task=p.task,
+                           system=p.system)
                 for p, row in zip(prompts, texts, strict=True) for text in row]
     rewards = score_responses(reward_model, tokenizer, template, examples, config)["score"]
     rescored = dataclasses.replace(samples, rewards=rewards.reshape(samples.rewards.shape))
@@ -515,7 +518,8 @@ def train_dpo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)
-    tokenizer, template = tokenizer_from_config(config), template_from_config(config)
+    tokenizer = tokenizer_from_config(config)
+    template = template_from_config(config, tokenizer)
     check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
     eval_data = _eval_data(config, tokenizer, template)  # a bad eval file fails fast
     # Before any weights load: the offline step (online DPO samples inside its step, a

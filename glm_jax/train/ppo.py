@@ -17,11 +17,14 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from glm_jax.config import validate_config
+from glm_jax.data.chat_template import Template
 from glm_jax.data.datasets import SFTDataset
 from glm_jax.data.records import read_jsonl
+from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
 from glm_jax.rewards import RewardRule, get_rule, score_texts
 from glm_jax.train.cache import cache_key, cached_jsonl, fingerprint
@@ -77,7 +80,8 @@ def _policy_source(config: ConfigDict) -> Any:
 
 def prepare_prompts(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
                     reward_model: GlmRewardModel | None, prompt_ids: np.ndarray,
-                    prompt_mask: np.ndarray, prompts: list, tokenizer, mesh,
+                    prompt_mask: np.ndarray, prompts: list, tokenizer: Tokenizer,
+                    template: Template, mesh: Mesh,
                     rule: RewardRule | None = None
                     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The prompt filter and the reference rewards, each from its cache or computed once,
@@ -101,7 +105,7 @@ def prepare_prompts(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
                                  settings=settings, seed=seed, mesh=mesh, desc=desc)
         if rule is None:
             return samples
-        texts = [text for row in samples.texts(tokenizer) for text in row]
+        texts = [text for row in samples.texts(tokenizer, template) for text in row]
         rows = [prompts[i] for i in range(n) for _ in range(num_samples)]
         rewards = score_texts(rule, ppo.reward_rule, rows, texts)
         return dataclasses.replace(samples, rewards=rewards.reshape(n, num_samples))
@@ -134,7 +138,8 @@ def prepare_prompts(config: ConfigDict, workdir: Path, policy: GlmForCausalLM,
         records = cached_jsonl(
             cache, cache_key(**common, settings=settings),
             lambda: reference_records(prompts, sampled(1, settings, config.seed + 1,
-                                                       "reference responses"), tokenizer),
+                                                       "reference responses"), tokenizer,
+                                              template),
             "reference responses")
         ref_rewards = np.asarray([r["reward"] for r in records], np.float32)
         report["reference_reward_mean"] = float(ref_rewards.mean())
@@ -160,7 +165,8 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)
-    tokenizer, template = tokenizer_from_config(config), template_from_config(config)
+    tokenizer = tokenizer_from_config(config)
+    template = template_from_config(config, tokenizer)
     check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
     prompts = read_prompts(ppo.prompt_file, "config.ppo.prompt_file", data.on_error)
 
@@ -174,7 +180,7 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                                                           "config.ppo.prompt_file")
     kept, ref_rewards, report = prepare_prompts(
         config, workdir, roles.policy.module(), roles.reward and roles.reward.module(),
-        prompt_ids, prompt_mask, prompts, tokenizer, mesh, rule)
+        prompt_ids, prompt_mask, prompts, tokenizer, template, mesh, rule)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     batches: Any = iter(PromptDataset(prompt_ids, prompt_mask, ref_rewards=ref_rewards,
                                       kept=kept, batch_size=ppo.batch_size, seed=config.seed,
@@ -200,7 +206,8 @@ def train_ppo(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     def host_scores(rollout: Rollout, batch: dict[str, np.ndarray]) -> np.ndarray:
         """The rule's reward of each response, as the tokenizer decodes it (without EOS)."""
         rows = np.repeat(batch["prompt_index"], settings.num_generations)
-        texts = response_texts(rollout.tokens, rollout.response_mask, tokenizer)
+        texts = response_texts(rollout.tokens, rollout.response_mask, tokenizer,
+                               template)
         return score_texts(rule, ppo.reward_rule, [prompts[i] for i in rows], texts)
 
     def make_step(batch_shardings):

@@ -25,11 +25,11 @@ def reward_variance_filter(rewards: np.ndarray, min_variance: float
 
 
 def reference_records(prompts: Sequence[PromptExample], samples: ScoredSamples,
-                      tokenizer) -> list[dict[str, Any]]:
+                      tokenizer, template) -> list[dict[str, Any]]:
     """One record per prompt: the reference response (first sample) as text and as the
     sampled token ids (EOS included; text need not re-tokenize to the same ids), its reward
     and whether it ended with EOS."""
-    texts = samples.texts(tokenizer)
+    texts = samples.texts(tokenizer, template)
     return [{**prompt.to_json(), "response": texts[i][0],
              "response_tokens": samples.tokens[i, 0][samples.response_mask[i, 0]].tolist(),
              "reward": float(samples.rewards[i, 0]),

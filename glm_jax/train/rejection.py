@@ -18,6 +18,7 @@ the SFT phase resumes from its latest checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from glm_jax.config import validate_config
-from glm_jax.data.records import SFTExample, parse_records
+from glm_jax.data.chat_template import Template, encode_response
+from glm_jax.data.records import PromptExample, SFTExample, parse_records
 from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.train.cache import fixed_jsonl
 from glm_jax.train.common import (
@@ -75,16 +77,24 @@ def best_of_n(samples: ScoredSamples, *, require_eos: bool = True,
     return index, kept
 
 
-def trainable(samples: ScoredSamples, texts: list[list[str]], tokenizer: Tokenizer
-              ) -> np.ndarray:
-    """`[n, num_samples]` bool: the decoded response is not blank and encodes back to exactly
-    the sampled tokens (EOS aside). The SFT phase trains on the re-encoded text, so a sample
-    that fails this is not what the reward model scored (non-canonical BPE splits, special
-    tokens that decoding drops); a blank response is not a valid SFT example."""
-    return np.array([[bool(text.strip()) and tokenizer.encode(text) == ids
+def trainable(samples: ScoredSamples, texts: list[list[str]], prompts: Sequence[PromptExample],
+              tokenizer: Tokenizer, template: Template) -> np.ndarray:
+    """`[n, num_samples]` bool: the decoded response is not blank and encodes back, as the
+    response of an SFT example of its prompt, to exactly the sampled tokens (EOS ids aside).
+    The SFT phase trains on the re-encoded text, so a sample that fails this is not what the
+    reward model scored (non-canonical BPE splits, special tokens that decoding drops); a
+    blank response is not a valid SFT example."""
+    eos = set(tokenizer.eos_token_ids)
+
+    def round_trips(text: str, ids: list[int], prompt: PromptExample) -> bool:
+        again = encode_response(tokenizer, template, text, prompt.prompt, prompt.history,
+                                prompt.system)
+        return [i for i in again if i not in eos] == ids
+
+    return np.array([[bool(text.strip()) and round_trips(text, ids, prompt)
                        for text, ids in zip(text_row, id_row, strict=True)]
-                      for text_row, id_row in zip(texts, samples.response_ids(tokenizer),
-                                                  strict=True)], bool
+                      for text_row, id_row, prompt in zip(texts, samples.response_ids(tokenizer),
+                                                          prompts, strict=True)], bool
                      ).reshape(samples.rewards.shape)
 
 
@@ -155,7 +165,8 @@ def _sample_winners(config: ConfigDict) -> tuple[list[dict[str, Any]], dict[str,
     rsft, data = config.rsft, config.data
     prompts = read_prompts(rsft.prompt_file, "config.rsft.prompt_file", data.on_error)
     mesh = mesh_from_config(config)
-    tokenizer, template = tokenizer_from_config(config), template_from_config(config)
+    tokenizer = tokenizer_from_config(config)
+    template = template_from_config(config, tokenizer)
     check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
     roles = roles_from_config(config, mesh, tokenizer=tokenizer, section="rsft", reward=True)
     policy, reward_model = roles.policy.module(), roles.reward.module()
@@ -167,14 +178,15 @@ def _sample_winners(config: ConfigDict) -> tuple[list[dict[str, Any]], dict[str,
                              settings=settings, seed=config.seed, mesh=mesh, desc="best-of-n")
     del policy, reward_model, roles  # the SFT phase loads its own copy of the policy
 
-    texts = samples.texts(tokenizer)
-    ok = trainable(samples, texts, tokenizer)
+    texts = samples.texts(tokenizer, template)
+    ok = trainable(samples, texts, prompts, tokenizer, template)
     index, kept = best_of_n(samples, require_eos=rsft.require_eos,
                             min_reward=parse_min_reward(rsft.min_reward), eligible=ok)
     rewards = samples.rewards.astype(float)
     winners = [(i, int(index[i])) for i in np.flatnonzero(kept)]
     examples = [SFTExample(prompt=prompts[i].prompt, response=texts[i][j],
-                           history=prompts[i].history, task=prompts[i].task)
+                           history=prompts[i].history, task=prompts[i].task,
+                           system=prompts[i].system)
                 for i, j in winners]
     best = [rewards[i, j] for i, j in winners]
     summary = {

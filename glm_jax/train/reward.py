@@ -201,7 +201,8 @@ def train_reward_model(config: ConfigDict, workdir: str | Path) -> dict[str, Any
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)
-    tokenizer, template = tokenizer_from_config(config), template_from_config(config)
+    tokenizer = tokenizer_from_config(config)
+    template = template_from_config(config, tokenizer)
     check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
     train_pairs, read_report = read_jsonl(rm.train_file, "preference", on_error=data.on_error,
                                           field="config.rm.train_file")
@@ -309,7 +310,8 @@ def run_eval_cli(config: ConfigDict, workdir: str | Path, *, pairs: str | None =
         raise ValueError("--responses needs --scores_output (where to write the scores)")
     require_kind(workdir, "reward", "--workdir")
     model = load_trained_model(workdir, GlmRewardModel)
-    tokenizer, template = Tokenizer.from_dir(workdir), template_from_config(config)
+    tokenizer = Tokenizer.from_dir(workdir)
+    template = template_from_config(config, tokenizer)
     summary: dict[str, Any] = {}
     if pairs:
         records, _ = read_jsonl(pairs, "preference", on_error=config.data.on_error,

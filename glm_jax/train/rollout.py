@@ -20,9 +20,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from glm_jax.data.chat_template import Template, response_text
 from glm_jax.data.datasets import tokenize_prompts
 from glm_jax.data.records import PromptExample
-from glm_jax.data.tokenizer import ChatTemplate, Tokenizer
+from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.generation import GenerationOutput, sample
 from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
 from glm_jax.train.batched import map_batches
@@ -57,7 +58,7 @@ class SamplingSettings:
 
 
 def encode_prompts(prompts: Sequence[PromptExample], tokenizer: Tokenizer,
-                   template: ChatTemplate, max_prompt_tokens: int
+                   template: Template, max_prompt_tokens: int
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Chat-rendered prompts left-padded to `max_prompt_tokens`: ids `[n, P]` int32 and mask
     `[n, P]` bool. An over-long prompt loses its oldest tokens after the template prefix, as
@@ -68,7 +69,7 @@ def encode_prompts(prompts: Sequence[PromptExample], tokenizer: Tokenizer,
 
 
 def encode_prompt_file(prompts: Sequence[PromptExample], tokenizer: Tokenizer,
-                       template: ChatTemplate, data: ConfigDict, field: str
+                       template: Template, data: ConfigDict, field: str
                        ) -> tuple[list[PromptExample], np.ndarray, np.ndarray]:
     """The prompts of the file in config `field` (e.g. "config.ppo.prompt_file") that
     `data.truncation` and `data.special_tokens` keep, and their ids and mask as in
@@ -128,12 +129,12 @@ def _sample_and_score_jit(policy_graphdef, reward_graphdef, settings, policy_par
                             prompt_ids, prompt_mask, rng, settings)
 
 
-def response_texts(tokens: np.ndarray, response_mask: np.ndarray, tokenizer: Tokenizer
-                   ) -> list[str]:
-    """Each response `[N, R]` decoded, without its EOS (what a rule reward judges and what a
-    cache file shows)."""
+def response_texts(tokens: np.ndarray, response_mask: np.ndarray, tokenizer: Tokenizer,
+                   template: Template) -> list[str]:
+    """Each response `[N, R]` decoded, without its EOS and the template's lead text (what a
+    rule reward judges, what a cache file shows, and a record's response text)."""
     eos = np.asarray(tokenizer.eos_token_ids)
-    return [tokenizer.decode(row[keep & ~np.isin(row, eos)].tolist())
+    return [response_text(template, tokenizer.decode(row[keep & ~np.isin(row, eos)].tolist()))
             for row, keep in zip(tokens, response_mask, strict=True)]
 
 
@@ -157,11 +158,11 @@ class ScoredSamples:
                  for row, keep in zip(rows, masks, strict=True)]
                 for rows, masks in zip(self.tokens, self.response_mask, strict=True)]
 
-    def texts(self, tokenizer: Tokenizer) -> list[list[str]]:
-        """Each response decoded, without its EOS: `[n][num_samples]`."""
+    def texts(self, tokenizer: Tokenizer, template: Template) -> list[list[str]]:
+        """Each response decoded as in `response_texts`: `[n][num_samples]`."""
         n, k, length = self.tokens.shape
         flat = response_texts(self.tokens.reshape(n * k, length),
-                              self.response_mask.reshape(n * k, length), tokenizer)
+                              self.response_mask.reshape(n * k, length), tokenizer, template)
         return [flat[i * k:(i + 1) * k] for i in range(n)]
 
 

@@ -125,7 +125,8 @@ def train_sft(config: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)
-    tokenizer, template = tokenizer_from_config(config), template_from_config(config)
+    tokenizer = tokenizer_from_config(config)
+    template = template_from_config(config, tokenizer)
     check_tokenizer_fits(config, tokenizer)  # before the pre-flight and any weights
     examples, read_report = read_jsonl(sft.train_file, "sft", on_error=data.on_error,
                                        field="config.sft.train_file")
