@@ -252,3 +252,30 @@ def test_tokenizer_files_carry_the_configs_into_a_workdir(tmp_path):
         "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
     assert copied.eos_token_ids == [1, 5]
     assert template_for("auto", copied).render("q") == "[gMASK]<sop><|user|>\nq<|assistant|>"
+
+
+def test_sft_from_a_checkpoint_with_its_own_template_and_eos(tmp_path):
+    """A checkpoint directory as users download it (weights, tokenizer.json, its
+    tokenizer_config.json chat template, generation_config.json) trains with
+    config.data.template = "checkpoint", and the workdir and its hf/ export carry the same
+    tokenizer, template and EOS ids (config.json's too) to the next stage."""
+    from conftest import tiny_sft_config
+
+    from glm_jax.models.tiny import write_tiny_checkpoint
+    from glm_jax.train.sft import train_sft
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt")
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({"chat_template": GLM4}))
+    (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 1]}))
+    config = tiny_sft_config(tmp_path, num_steps=2, eval_every=2, checkpoint_every=2)
+    config.model.init_checkpoint = str(checkpoint)
+    config.data.template = "checkpoint"
+    train_sft(config, tmp_path / "sft")
+    for where in (tmp_path / "sft", tmp_path / "sft" / "hf"):
+        tokenizer = Tokenizer.from_dir(where)
+        assert tokenizer.eos_token_ids == [5, 1]
+        template = template_for("checkpoint", tokenizer)
+        assert template.render("q", system="s") == (
+            "[gMASK]<sop><|system|>\ns<|user|>\nq<|assistant|>")
+    assert json.loads((tmp_path / "sft" / "hf" / "config.json").read_text())[
+        "eos_token_id"] == [5, 1]
