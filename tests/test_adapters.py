@@ -28,9 +28,10 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adapters")
     pairs = [PreferencePair(prompt=f"question {i} " * (1 + i % 4), chosen="good answer " * i,
                             rejected="bad", history=((("hi", "hello"),) if i % 2 else ()),
-                            task=["math", "chat"][i % 2]) for i in range(1, 9)]
-    sft = [SFTExample(p.prompt, p.chosen, p.history, p.task) for p in pairs]
-    prompts = [PromptExample(p.prompt, p.history, p.task) for p in pairs]
+                            task=["math", "chat"][i % 2],
+                            system="be brief" if i % 3 == 0 else None) for i in range(1, 9)]
+    sft = [SFTExample(p.prompt, p.chosen, p.history, p.task, system=p.system) for p in pairs]
+    prompts = [PromptExample(p.prompt, p.history, p.task, system=p.system) for p in pairs]
     paths = {}
     for kind, records in (("preference", pairs), ("sft", sft), ("prompt", prompts)):
         write_jsonl(tmp / f"{kind}.jsonl", records)
@@ -122,6 +123,7 @@ def test_tfds_builder_records_and_token_ids(files):
         example = by_prompt[(record.prompt, record.chosen)]
         assert example["rejected"].decode() == record.rejected
         assert example["task"].decode() == record.task
+        assert example["system"].decode() == (record.system or "")
         history = tuple(zip([u.decode() for u in example["history"]["user"]],
                             [a.decode() for a in example["history"]["assistant"]], strict=True))
         assert history == record.history

@@ -123,7 +123,8 @@ def register_seqio_tasks(name_prefix: str, files: Mapping[str, Mapping[str, str 
 
 class GlmJaxRecords(tfds.core.GeneratorBasedBuilder):
     """glm_jax JSONL records of one kind as a TFDS dataset: the text fields, the history, the
-    task, and the token ids (`{feature}_ids`) that glm_jax's pipeline makes of them."""
+    task and system message ("" when absent), and the token ids (`{feature}_ids`) that
+    glm_jax's pipeline makes of them."""
 
     VERSION = tfds.core.Version("1.0.0")
 
@@ -139,7 +140,7 @@ class GlmJaxRecords(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
-        features = {"prompt": text, "task": text,
+        features = {"prompt": text, "task": text, "system": text,
                     "history": tfds.features.Sequence({"user": text, "assistant": text})}
         features.update({field: text for field in _TEXT_FIELDS[self.kind]})
         features.update({f"{k}_ids": tfds.features.Sequence(np.int32)
@@ -157,6 +158,7 @@ class GlmJaxRecords(tfds.core.GeneratorBasedBuilder):
             if tokens is None:
                 continue
             example = {"prompt": record.prompt, "task": record.task or "",
+                       "system": record.system or "",
                        "history": [{"user": u, "assistant": a} for u, a in record.history]}
             example.update({field: getattr(record, field) for field in _TEXT_FIELDS[self.kind]})
             example.update({f"{k}_ids": np.asarray(v, np.int32) for k, v in tokens.items()})
