@@ -1,11 +1,15 @@
 """New tokens per second: glm_jax.generate against transformers' GlmForCausalLM.generate.
 
 Same random weights, same prompts, greedy (or `--temperature T`: sampled from the whole
-vocabulary), both on CPU, one run, timed in interleaved rounds; the ratios are what to compare
-(absolute figures depend on the machine and its load).
+vocabulary), both on the same device (jax's default backend; torch on CUDA when it has one),
+one run, timed in interleaved rounds; the ratios are what to compare (absolute figures depend
+on the machine and its load).
 
     python benchmarks/generate.py [--hidden 512 --layers 8 --batch 8 --new-tokens 128]
     python benchmarks/generate.py --lora 16     # LoRA decoding: low-rank products vs merged
+    # On a GPU (jax[cuda]): a ~1.2B GLM-4 shape in bfloat16, batch 64, 512 new tokens
+    python benchmarks/generate.py --dtype bfloat16 --hidden 2048 --layers 12 --heads 16 \
+        --kv-heads 2 --vocab 151552 --batch 64 --prompt-length 64 --new-tokens 512
 
 With `--lora R`, the model also gets rank-R adapters (random, nonzero) on q, k, v, o, gate,
 up and down, and two ways of decoding with them are timed: the adapters applied as low-rank
@@ -39,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5,
                         help="interleaved timing rounds; the best of each is reported")
     parser.add_argument("--lora", type=int, default=0, help="adapter rank (0: none)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and compute of both models")
     return parser.parse_args()
 
 
@@ -159,8 +165,11 @@ def main() -> None:
         reference.save_pretrained(path)
         # Unrolled layers: on CPU, XLA copies each layer's slice of the stacked weights at
         # every step of a scanned decode loop (the scanned form is timed below too).
-        model = glm_jax.from_pretrained(path, scan_layers=False)
-        scanned = glm_jax.from_pretrained(path, scan_layers=True)
+        dtypes = dict(dtype=args.dtype, param_dtype=args.dtype)
+        model = glm_jax.from_pretrained(path, scan_layers=False, **dtypes)
+        scanned = glm_jax.from_pretrained(path, scan_layers=True, **dtypes)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reference = reference.to(device, getattr(torch, args.dtype))
 
     prompts = np.random.RandomState(0).randint(2, args.vocab, (args.batch, args.prompt_length))
     never = args.vocab + 1  # no EOS: both generate exactly new_tokens tokens
@@ -173,17 +182,18 @@ def main() -> None:
     def ours_scanned():
         return ours(scanned)
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=device)
 
     sampling = (dict(do_sample=False) if args.temperature == 0 else
                 dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0))
 
     def theirs():
         with torch.no_grad():
-            return reference.generate(ids, attention_mask=torch.ones_like(ids),
-                                      max_new_tokens=args.new_tokens,
-                                      min_new_tokens=args.new_tokens, eos_token_id=None,
-                                      pad_token_id=0, **sampling)
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=args.new_tokens,
+                                     min_new_tokens=args.new_tokens, eos_token_id=None,
+                                     pad_token_id=0, **sampling)
+        return out.cpu()  # waits for the device
 
     start = time.perf_counter()
     ours()
@@ -202,7 +212,7 @@ def main() -> None:
     tokens = args.batch * args.new_tokens
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
+          f"({device}, {torch.get_num_threads()} threads); {args.dtype}")
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / "
           f"{args.kv_heads} kv heads, vocab {args.vocab}; batch {args.batch}, prompt "
           f"{args.prompt_length}, {args.new_tokens} new tokens, "
