@@ -315,3 +315,9 @@ CHATGLM3_CHAT_TEMPLATE = (
     "\n {{ message['content'] }}{% else %}<|{{ message['role'] }}|>\n "
     "{{ message['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+# THUDM/glm-4-9b-chat's, without its tool-calling branch (no tools in these records).
+GLM4_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for item in messages %}{% if item['content'] %}<|{{ item['role'] }}|>"
+    "{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")

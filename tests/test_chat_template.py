@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CHATGLM3_CHAT_TEMPLATE
+from conftest import CHATGLM3_CHAT_TEMPLATE, GLM4_CHAT_TEMPLATE
 from transformers import PreTrainedTokenizerFast
 
 from glm_jax.data import PreferencePair, PromptExample, SFTExample, read_jsonl, write_jsonl
@@ -25,10 +25,7 @@ from glm_jax.data.datasets import tokenize_pair
 from glm_jax.data.tokenizer import TINY_TOKENIZER_PATH, Tokenizer
 
 CHATGLM3 = CHATGLM3_CHAT_TEMPLATE
-# THUDM/glm-4-9b-chat's, without its tool-calling branch (no tools in these records).
-GLM4 = ("[gMASK]<sop>{% for item in messages %}{% if item['content'] %}<|{{ item['role'] }}|>"
-        "{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+GLM4 = GLM4_CHAT_TEMPLATE
 # ChatML-style: each turn closed by the EOS token and a newline, the system message optional,
 # written with whitespace control as Hub templates are.
 CLOSED_TURNS = ("{%- for m in messages %}\n"

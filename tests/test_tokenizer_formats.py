@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-from conftest import CHATGLM3_CHAT_TEMPLATE
+from conftest import CHATGLM3_CHAT_TEMPLATE, GLM4_CHAT_TEMPLATE, tiny_sft_config
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
@@ -282,6 +282,46 @@ def glm4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     specials = {name: len(ranks) + i for i, name in enumerate(GLM4_NAMES)}
     (model_dir / "tokenizer_config.json").write_text(json.dumps(glm4_config(specials)))
     return model_dir
+
+
+def test_glm4_original_checkpoint_from_sft_to_generation(glm4_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint as the original GLM-4 ships it (tiktoken tokenizer.model, its
+    tokenizer_config.json with the chat template, generation_config.json): SFT runs on it with
+    its own template; the export keeps the same token table and EOS ids, and
+    scripts/generate.py on it answers as the library does with the checkpoint's template."""
+    import importlib.util
+
+    import glm_jax
+    from glm_jax.generation import generate_text
+    from glm_jax.models.tiny import write_tiny_checkpoint
+    from glm_jax.train.sft import train_sft
+
+    original = Tokenizer.from_dir(glm4_dir)
+    checkpoint = write_tiny_checkpoint(tmp_path / "glm-4", vocab_size=768)
+    (checkpoint / "tokenizer.json").unlink()  # the original checkpoints ship no tokenizer.json
+    (checkpoint / "tokenizer.model").write_bytes((glm4_dir / "tokenizer.model").read_bytes())
+    config = json.loads((glm4_dir / "tokenizer_config.json").read_text())
+    (checkpoint / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": GLM4_CHAT_TEMPLATE}))
+    eos = [original.token_to_id(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+
+    sft = tiny_sft_config(tmp_path, num_steps=2, eval_every=2, checkpoint_every=2)
+    sft.model.init_checkpoint, sft.data.template = str(checkpoint), "checkpoint"
+    train_sft(sft, tmp_path / "sft")
+    export = Tokenizer.from_dir(tmp_path / "sft" / "hf")
+    assert export.path.name == "tokenizer.model"
+    assert export.token_table() == original.token_table() and export.eos_token_ids == eos
+
+    spec = importlib.util.spec_from_file_location(
+        "generate_script", Path(__file__).resolve().parents[1] / "scripts" / "generate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    texts = script.main(["--checkpoint", str(tmp_path / "sft" / "hf"), "--prompt", "你好",
+                         "--max-new-tokens", "4"])
+    model = glm_jax.from_pretrained(tmp_path / "sft" / "hf")
+    assert texts == generate_text(model, export, ["你好"], max_new_tokens=4, temperature=0.0,
+                                  template=template_for("checkpoint", export))
 
 
 def converted(model_file: Path, specials: list[str] | None) -> HFTokenizer:
