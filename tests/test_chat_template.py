@@ -276,3 +276,21 @@ def test_sft_from_a_checkpoint_with_its_own_template_and_eos(tmp_path):
             "[gMASK]<sop><|system|>\ns<|user|>\nq<|assistant|>")
     assert json.loads((tmp_path / "sft" / "hf" / "config.json").read_text())[
         "eos_token_id"] == [5, 1]
+
+
+def test_a_record_the_template_refuses_is_named(tmp_path):
+    """Many checkpoints' templates raise_exception on what they do not support (here: system
+    messages); the error names the data source and the record."""
+    from glm_jax.data import SFTDataset
+
+    no_system = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                 "{{ raise_exception('System role not supported') }}{% endif %}"
+                 "<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    tokenizer = Tokenizer.from_dir(_checkpoint_dir(tmp_path, no_system))
+    examples = [SFTExample("a", "b"), SFTExample("c", "d", system="be brief")]
+    with pytest.raises(ValueError, match=r"config.sft.train_file = 'x.jsonl': record 2: .*"
+                                         r"rendering failed: System role not supported"):
+        SFTDataset(examples, tokenizer, template_for("auto", tokenizer), batch_size=1,
+                   max_prompt_tokens=32, max_response_tokens=8,
+                   source="config.sft.train_file = 'x.jsonl'")

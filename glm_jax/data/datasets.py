@@ -184,12 +184,14 @@ def _tokenize_parts(
     record: PreferencePair | SFTExample | PromptExample, responses: Sequence[str],
     tokenizer: Tokenizer, template: Template, num_prefix: int, max_prompt_tokens: int,
     max_response_tokens: int, truncation: Truncation, special_tokens: SpecialTokens = "plain",
+    where: str = "",
 ) -> tuple[tuple[list[int], list[list[int]]] | None, int, int, bool]:
     """((prompt ids, response ids) or None if dropped, prompts truncated, responses truncated,
     whether the record's text holds a special-token string).
 
     Every response ends with EOS (`encode_response`); special-token strings in the record's
-    text are encoded as plain text, or with ``special_tokens="refuse"`` drop the record.
+    text are encoded as plain text, or with ``special_tokens="refuse"`` drop the record. A
+    record the chat template or tokenizer cannot encode raises ValueError naming `where`.
     """
     _check_modes(truncation, special_tokens)
     context = (record.prompt, record.history, record.system)
@@ -198,8 +200,11 @@ def _tokenize_parts(
     special = any(tokenizer.special_tokens_in(text) for text in texts)
     if special and special_tokens == "refuse":
         return None, 0, 0, True
-    prompt = encode_chat(tokenizer, template, *context)
-    encoded = [encode_response(tokenizer, template, r, *context) for r in responses]
+    try:
+        prompt = encode_chat(tokenizer, template, *context)
+        encoded = [encode_response(tokenizer, template, r, *context) for r in responses]
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}" if where else str(e)) from e
     prompt_over = len(prompt) > max_prompt_tokens
     responses_over = [len(r) > max_response_tokens for r in encoded]
     if truncation == "drop" and (prompt_over or any(responses_over)):
@@ -218,13 +223,13 @@ def _tokenize_parts(
 def _tokenize(
     pair: PreferencePair, tokenizer: Tokenizer, template: Template, num_prefix: int,
     max_prompt_tokens: int, max_response_tokens: int, truncation: Truncation,
-    special_tokens: SpecialTokens = "plain",
+    special_tokens: SpecialTokens = "plain", where: str = "",
 ) -> tuple[TokenizedPair | None, int, int, bool]:
     """(tokenized pair or None if dropped, prompts truncated, responses truncated, whether
     its text holds a special-token string)."""
     parts, n_prompt, n_responses, special = _tokenize_parts(
         pair, (pair.chosen, pair.rejected), tokenizer, template, num_prefix, max_prompt_tokens,
-        max_response_tokens, truncation, special_tokens)
+        max_response_tokens, truncation, special_tokens, where)
     if parts is None:
         return None, 0, 0, special
     prompt, (chosen, rejected) = parts
@@ -300,10 +305,10 @@ def tokenize_prompts(
     num_prefix = _check_limits(tokenizer, template, max_prompt_tokens, 2)
     out: list[list[int] | None] = []
     truncated = special_plain = special_dropped = 0
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         parts, n_prompt, _, special = _tokenize_parts(
-            prompt, (), tokenizer, template, num_prefix,
-            max_prompt_tokens, 2, truncation, special_tokens)
+            prompt, (), tokenizer, template, num_prefix, max_prompt_tokens, 2, truncation,
+            special_tokens, where=f"prompt {i + 1}")
         out.append(None if parts is None else parts[0])
         truncated += n_prompt
         special_plain += special and parts is not None
@@ -426,7 +431,7 @@ class PreferenceDataset(_BatchedDataset):
                 continue
             tokenized, n_prompt, n_response, special = _tokenize(
                 pair, tokenizer, template, num_prefix, max_prompt_tokens, max_response_tokens,
-                truncation, special_tokens)
+                truncation, special_tokens, where=f"{source}: record {i + 1}")
             prompts_truncated += n_prompt
             responses_truncated += n_response
             special_plain += special and tokenized is not None
@@ -525,10 +530,11 @@ class SFTDataset(_BatchedDataset):
         task_index = {task: i for i, task in enumerate(self.tasks)}
         kept: list[_SFTItem] = []
         prompts_truncated = responses_truncated = special_plain = special_dropped = 0
-        for example in examples:
+        for i, example in enumerate(examples):
             parts, n_prompt, n_response, special = _tokenize_parts(
                 example, (example.response,), tokenizer, template, num_prefix,
-                max_prompt_tokens, max_response_tokens, truncation, special_tokens)
+                max_prompt_tokens, max_response_tokens, truncation, special_tokens,
+                where=f"{source}: record {i + 1}")
             prompts_truncated += n_prompt
             responses_truncated += n_response
             special_plain += special and parts is not None
