@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from glm_jax.data.chat_template import GLM4_TEMPLATE, Template, encode_chat, response_text
+from glm_jax.data.chat_template import Template, encode_chat, response_text, template_for
 from glm_jax.data.tokenizer import Tokenizer
 from glm_jax.models.glm import KVCache
 from glm_jax.models.heads import GlmForCausalLM, last_token_index
@@ -225,13 +225,16 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarr
 
 
 def generate_text(model: GlmForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str], *,
-                  template: Template = GLM4_TEMPLATE, max_new_tokens: int = 64,
+                  template: Template | None = None, max_new_tokens: int = 64,
                   **sampling) -> list[str]:
-    """Chat-formats `prompts`, generates, and decodes each response up to its EOS.
+    """Chat-formats `prompts` with `template` (default: the tokenizer's own chat template when
+    its tokenizer_config.json has one, else glm_jax's GLM-4 format), generates, and decodes
+    each response up to its EOS.
 
     Stops on the model config's EOS ids and the tokenizer's (GLM-4 also ends a turn on
     `<|user|>` / `<|observation|>`); `sampling` goes to `generate`.
     """
+    template = template_for("auto", tokenizer) if template is None else template
     rows = [encode_chat(tokenizer, template, prompt) for prompt in prompts]
     ids, mask = left_pad(rows, tokenizer.pad_token_id)
     eos = tuple(dict.fromkeys([*model.config.eos_token_id, *tokenizer.eos_token_ids]))

@@ -3,13 +3,16 @@
 import os
 import tempfile
 
-# The 8 devices' collectives meet in a rendezvous that XLA:CPU aborts the whole process over
-# when a device is 40 s late (default). On a 2-core machine the full suite aborted so in 4 of 4
-# runs, always in the same late test (which passes alone), one device's thread missing from an
-# all-reduce; with these limits it passed twice, and no rendezvous waited even 10 s in the run
-# that logged them. The cause is not pinned down. A real hang still ends, after 10 minutes.
+# Single-threaded Eigen inside each op: the full suite hung here in 6 of 9 runs, always in
+# the same late test (which passes alone), with all 8 threads of XLA:CPU's intra-op pool
+# blocked in collectives (gdb: 7 in an all-reduce, 1 in an all-gather) and one device's part
+# never running. With multi-threaded Eigen a device's op waits on sub-tasks queued to that
+# pool, which can then starve (the same wedge, and the same fix, as PyAutoFit#1528). The 8
+# devices still run in parallel. Should a collective still hang, XLA aborts after 10 minutes
+# instead of 40 s, with a warning after one.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_multi_thread_eigen=false"
                            " --xla_cpu_collective_call_warn_stuck_timeout_seconds=60"
                            " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

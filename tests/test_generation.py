@@ -226,7 +226,10 @@ def test_decode_loop_copies_no_cache_and_no_kernel():
                       jax.random.key(0), max_new_tokens=30, temperature=1.0,
                       eos_token_ids=(NEVER,), pad_token_id=0).tokens
 
-    hlo = jax.jit(run).lower(state, prompt).compile().as_text()
+    # Compiled as users' programs are, with multi-threaded Eigen (the tests turn it off:
+    # tests/conftest.py), which decides how XLA:CPU lays out its dots.
+    hlo = jax.jit(run).lower(state, prompt).compile({"xla_cpu_multi_thread_eigen": True}
+                                                   ).as_text()
     e, d = config.hidden_size, config.head_dim
     transposed_kernels = {(e, config.num_attention_heads * d), (e, config.num_key_value_heads * d),
                           (config.num_attention_heads * d, e), (e, config.intermediate_size),
