@@ -192,6 +192,32 @@ class _HFBackend:
         return self._tok.token_to_id(token)
 
 
+def _split_special(text: str, pattern: re.Pattern[str] | None,
+                   special_tokens: dict[str, int]) -> list[tuple[str, int | None]]:
+    """`text` as (piece, special id or None) segments: each match of `pattern` with its id in
+    `special_tokens`, and the (non-empty) text between them."""
+    segments: list[tuple[str, int | None]] = []
+    start = 0
+    for match in pattern.finditer(text) if pattern is not None else ():
+        if match.start() > start:
+            segments.append((text[start:match.start()], None))
+        segments.append((match.group(), special_tokens[match.group()]))
+        start = match.end()
+    if start < len(text):
+        segments.append((text[start:], None))
+    return segments
+
+
+def _encode_split(text: str, pattern: re.Pattern[str] | None, special_tokens: dict[str, int],
+                  encode_run: Callable[[str], Sequence[int]]) -> list[int]:
+    """The ids of `text`: special-token strings (`pattern`'s matches) as their ids, each run of
+    text between them through `encode_run` on its own."""
+    ids: list[int] = []
+    for piece, special_id in _split_special(text, pattern, special_tokens):
+        ids.extend(encode_run(piece) if special_id is None else (special_id,))
+    return ids
+
+
 def _decode_runs(ids: Sequence[int], special_names: dict[int, str],
                  decode_run: Callable[[list[int]], str], skip_special_tokens: bool) -> str:
     """`ids` as text: each run of ordinary ids through `decode_run`, each special id as its name
@@ -256,18 +282,7 @@ class _SPBackend:
         self.special_pattern = _special_token_pattern(self._special, bound_bare_words=True)
 
     def encode(self, text: str) -> list[int]:
-        if self.special_pattern is None:
-            return list(self._sp.encode_as_ids(text))
-        ids: list[int] = []
-        start = 0
-        for match in self.special_pattern.finditer(text):
-            if match.start() > start:
-                ids.extend(self._sp.encode_as_ids(text[start : match.start()]))
-            ids.append(self._special[match.group()])
-            start = match.end()
-        if start < len(text):
-            ids.extend(self._sp.encode_as_ids(text[start:]))
-        return ids
+        return _encode_split(text, self.special_pattern, self._special, self._sp.encode_as_ids)
 
     def encode_plain(self, text: str) -> list[int]:
         return list(self._plain_sp.encode_as_ids(text))
@@ -343,16 +358,7 @@ class _TiktokenBackend:
         self.special_pattern = _special_token_pattern(special_tokens, bound_bare_words=True)
 
     def encode(self, text: str) -> list[int]:
-        if self.special_pattern is None:
-            return self.encode_plain(text)
-        ids: list[int] = []
-        start = 0
-        for match in self.special_pattern.finditer(text):
-            ids.extend(self.encode_plain(text[start : match.start()]))
-            ids.append(self.special_tokens[match.group()])
-            start = match.end()
-        ids.extend(self.encode_plain(text[start:]))
-        return ids
+        return _encode_split(text, self.special_pattern, self.special_tokens, self.encode_plain)
 
     def encode_plain(self, text: str) -> list[int]:
         # encode_ordinary is encode(text, disallowed_special=()): special strings are plain text.
@@ -589,18 +595,7 @@ class Tokenizer:
     def split_special(self, text: str) -> list[tuple[str, int | None]]:
         """`text` as (piece, special id or None) segments: each special-token string `encode`
         would map to its id, and the text between them."""
-        if self._special_pattern is None:
-            return [(text, None)] if text else []
-        segments: list[tuple[str, int | None]] = []
-        start = 0
-        for match in self._special_pattern.finditer(text):
-            if match.start() > start:
-                segments.append((text[start:match.start()], None))
-            segments.append((match.group(), self._backend.special_tokens[match.group()]))
-            start = match.end()
-        if start < len(text):
-            segments.append((text[start:], None))
-        return segments
+        return _split_special(text, self._special_pattern, self._backend.special_tokens)
 
     def encode_plain(self, text: str) -> list[int]:
         """Text to ids with every special-token string in it encoded as ordinary text: what a

@@ -465,8 +465,9 @@ def _read_config(path: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any],
     # generation_config.json's EOS ids are the ones the checkpoint's authors generate with
     # (GLM-4: <|endoftext|>, <|user|>, <|observation|>); config.json may list fewer.
     generation_file = path / "generation_config.json"
-    if generation_file.exists() and "eos_token_id" in _read_json(generation_file):
-        raw = {**raw, "eos_token_id": _read_json(generation_file)["eos_token_id"]}
+    generation = _read_json(generation_file) if generation_file.exists() else {}
+    if "eos_token_id" in generation:
+        raw = {**raw, "eos_token_id": generation["eos_token_id"]}
     return raw, config_from_hf(raw, config_file, **overrides)
 
 
