@@ -180,6 +180,8 @@ class JinjaChatTemplate:
             self._template = _jinja_environment().from_string(source)
         except jinja2.TemplateError as e:
             raise ValueError(f"{origin}: not a valid Jinja template ({e})") from e
+        # A record's prompt is located by encode_chat and again by each encode_response: once.
+        self._locate_cached = functools.lru_cache(maxsize=8)(self._locate)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer) -> JinjaChatTemplate | None:
@@ -264,13 +266,21 @@ class JinjaChatTemplate:
         return "" if first_is_content else first_text
 
     def _located(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> Parts:
-        contents = [m["content"] for m in messages]
+        """The rendering of `messages` as (text, is_content) parts."""
+        key = tuple((m["role"], m["content"]) for m in messages)
+        return list(self._locate_cached(key, add_generation_prompt))
+
+    def _locate(self, messages: tuple[tuple[str, str], ...], add_generation_prompt: bool
+                ) -> tuple[tuple[str, bool], ...]:
+        """`_located` of (role, content) pairs, uncached."""
+        contents = [content for _, content in messages]
         markers = [_MARKER.format(i) for i in range(len(messages))]
         for content in contents:
             if "\ue000glm_jax:" in content:
                 raise ValueError("a message holds glm_jax's private template marker")
         marked = self.render_messages(
-            [{**m, "content": marker} for m, marker in zip(messages, markers, strict=True)],
+            [{"role": role, "content": marker}
+             for (role, _), marker in zip(messages, markers, strict=True)],
             add_generation_prompt)
         parts: Parts = []
         rest = marked
@@ -285,15 +295,16 @@ class JinjaChatTemplate:
         if not all(contents):
             # Templates may leave an empty message out (GLM-4's does): the turn is then kept
             # with nothing in it, as a sampled response that is EOS at once was generated.
-            return parts
-        plain = self.render_messages(messages, add_generation_prompt)
+            return tuple(parts)
+        plain = self.render_messages([{"role": role, "content": content}
+                                      for role, content in messages], add_generation_prompt)
         if plain != "".join(text for text, _ in parts):
             raise ValueError(
                 f"{self.origin}: the template changes the messages' text (it renders "
                 f"{plain[:120]!r}, not the text as given), so the record's text cannot be "
                 "located in it; use config.data.template = 'glm4' or 'chatglm3' for glm_jax's "
                 "built-in template")
-        return parts
+        return tuple(parts)
 
     @functools.cached_property
     def prefix(self) -> str:
