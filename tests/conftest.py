@@ -324,3 +324,18 @@ GLM4_CHAT_TEMPLATE = (
     "[gMASK]<sop>{% for item in messages %}{% if item['content'] %}<|{{ item['role'] }}|>"
     "{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def sentencepiece_model(sentences: list[str], vocab_size: int, **options) -> bytes:
+    """A BPE sentencepiece model trained on `sentences` in memory, with normalization off (text
+    kept exactly as given); `options` go to the trainer (byte_fallback, user_defined_symbols)."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, hard_vocab_limit=False, minloglevel=2, **options)
+    return buf.getvalue()

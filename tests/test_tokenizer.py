@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import shutil
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from conftest import sentencepiece_model
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
@@ -184,20 +184,8 @@ SP_USER_SYMBOLS = ["[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|endoftext
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_dir = tmp_path_factory.mktemp("sp")
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SP_SENTENCES * 4),
-        model_writer=buf,
-        vocab_size=60,
-        model_type="bpe",
-        user_defined_symbols=SP_USER_SYMBOLS,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    (model_dir / "tokenizer.model").write_bytes(buf.getvalue())
+    (model_dir / "tokenizer.model").write_bytes(
+        sentencepiece_model(SP_SENTENCES * 4, 60, user_defined_symbols=SP_USER_SYMBOLS))
     return model_dir
 
 

@@ -9,13 +9,17 @@ GLM-4 transformers' ``TikTokenConverter`` (the same ranks file as a ``tokenizers
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
-from conftest import CHATGLM3_CHAT_TEMPLATE, GLM4_CHAT_TEMPLATE, tiny_sft_config
+from conftest import (
+    CHATGLM3_CHAT_TEMPLATE,
+    GLM4_CHAT_TEMPLATE,
+    sentencepiece_model,
+    tiny_sft_config,
+)
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
@@ -101,20 +105,8 @@ class ChatGLM3Reference:
 def chatglm3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny sentencepiece model without GLM pieces, named ChatGLMTokenizer in its config."""
     model_dir = tmp_path_factory.mktemp("chatglm3")
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 8),
-        model_writer=buf,
-        vocab_size=400,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    (model_dir / "tokenizer.model").write_bytes(buf.getvalue())
+    (model_dir / "tokenizer.model").write_bytes(
+        sentencepiece_model(CORPUS * 8, 400, byte_fallback=True))
     (model_dir / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "ChatGLMTokenizer", "padding_side": "left"}))
     return model_dir
