@@ -240,9 +240,14 @@ def generate_text(model: GlmForCausalLM, tokenizer: Tokenizer, prompts: Sequence
     eos = tuple(dict.fromkeys([*model.config.eos_token_id, *tokenizer.eos_token_ids]))
     out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos,
                    pad_token_id=tokenizer.pad_token_id, **sampling)
-    tokens, response = np.asarray(out.tokens), np.asarray(out.response_mask)
-    texts = []
-    for row, keep in zip(tokens, response, strict=True):
-        texts.append(response_text(template, tokenizer.decode(row[keep & ~np.isin(row, eos)]
-                                                              .tolist())))
-    return texts
+    return decode_responses(np.asarray(out.tokens), np.asarray(out.response_mask), tokenizer,
+                            template, eos)
+
+
+def decode_responses(tokens: np.ndarray, response_mask: np.ndarray, tokenizer: Tokenizer,
+                     template: Template, eos_token_ids: Sequence[int]) -> list[str]:
+    """Each response `[N, R]` (its tokens where `response_mask`) decoded without the
+    `eos_token_ids` and the template's lead text: a record's response text."""
+    eos = np.asarray(tuple(eos_token_ids))
+    return [response_text(template, tokenizer.decode(row[keep & ~np.isin(row, eos)].tolist()))
+            for row, keep in zip(tokens, response_mask, strict=True)]

@@ -20,11 +20,11 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from glm_jax.data.chat_template import Template, response_text
+from glm_jax.data.chat_template import Template
 from glm_jax.data.datasets import tokenize_prompts
 from glm_jax.data.records import PromptExample
 from glm_jax.data.tokenizer import Tokenizer
-from glm_jax.generation import GenerationOutput, sample
+from glm_jax.generation import GenerationOutput, decode_responses, sample
 from glm_jax.models.heads import GlmForCausalLM, GlmRewardModel
 from glm_jax.train.batched import map_batches
 from glm_jax.train.loop import Preemption
@@ -133,9 +133,7 @@ def response_texts(tokens: np.ndarray, response_mask: np.ndarray, tokenizer: Tok
                    template: Template) -> list[str]:
     """Each response `[N, R]` decoded, without its EOS and the template's lead text (what a
     rule reward judges, what a cache file shows, and a record's response text)."""
-    eos = np.asarray(tokenizer.eos_token_ids)
-    return [response_text(template, tokenizer.decode(row[keep & ~np.isin(row, eos)].tolist()))
-            for row, keep in zip(tokens, response_mask, strict=True)]
+    return decode_responses(tokens, response_mask, tokenizer, template, tokenizer.eos_token_ids)
 
 
 @dataclass
