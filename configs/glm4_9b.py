@@ -3,8 +3,8 @@
 
 Download THUDM/glm-4-9b-chat-hf (transformers' `glm` format, tokenizer.json) or
 THUDM/glm-4-9b-chat (the original: tiktoken tokenizer.model) to checkpoints/glm-4-9b-chat (or
-set model.init_checkpoint); the README's "Bring your own checkpoint and data" has the commands. `--config configs/glm4_9b.py:tpu_v5e_256` (or gpu1, tpu_v4_32)
-picks another mesh.
+set model.init_checkpoint); the README's "Bring your own checkpoint and data" has the
+commands. `--config configs/glm4_9b.py:tpu_v5e_256` (or gpu1, tpu_v4_32) picks another mesh.
 """
 
 from ml_collections import ConfigDict

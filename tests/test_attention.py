@@ -186,13 +186,14 @@ def test_auto_and_unknown_implementation():
 @pytest.mark.parametrize("kv_heads", [2, 1, 4])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_attention_matches_dense_on_the_cache_layout(kv_heads, dtype):
-    """One query per row over a `[batch, kv_heads, kv_len, head_dim]` cache: the dense
-    reference's result on the same keys in its `[batch, kv_len, kv_heads, head_dim]` layout,
+    """One query per row over the cache's layout (keys `[batch, kv_heads, head_dim, kv_len]`,
+    values `[batch, kv_heads, kv_len, head_dim]`): the dense reference's result on the same
+    keys and values in its `[batch, kv_len, kv_heads, head_dim]` layout,
     with left padding, unwritten slots and a row that sees nothing but its own key."""
     batch, s, slot = 3, 24, 15
     keys = jax.random.split(jax.random.key(kv_heads), 3)
     q = jax.random.normal(keys[0], (batch, 1, HEADS, HEAD_DIM), dtype)
-    k = jax.random.normal(keys[1], (batch, kv_heads, s, HEAD_DIM), dtype)
+    k = jax.random.normal(keys[1], (batch, kv_heads, HEAD_DIM, s), dtype)
     v = jax.random.normal(keys[2], (batch, kv_heads, s, HEAD_DIM), dtype)
     kv_mask = np.zeros((batch, s), bool)
     kv_mask[:, :slot + 1] = True
@@ -201,7 +202,7 @@ def test_decode_attention_matches_dense_on_the_cache_layout(kv_heads, dtype):
     kv_mask[0, slot + 3] = True  # a real slot after the query's: causality hides it
     kv_mask = jnp.asarray(kv_mask)
     out = decode_attention(q, k, v, q_slot=jnp.int32(slot), kv_mask=kv_mask)
-    expected = dense_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2),
+    expected = dense_attention(q, k.transpose(0, 3, 1, 2), v.swapaxes(1, 2),
                                q_slots=jnp.array([slot]), kv_mask=kv_mask)
     assert out.shape == q.shape and out.dtype == dtype
     tolerance = 1e-6 if dtype == jnp.float32 else 2e-2

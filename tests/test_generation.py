@@ -245,6 +245,114 @@ def test_decode_loop_copies_no_cache_and_no_kernel():
             assert np.prod(shape) < cache_elements, line
 
 
+def _decode_loop_ops(hlo: str) -> list[str]:
+    """The instructions of a compiled generation's decode loop: its `while` body (the entry
+    computation's while with the largest body) and every computation called from it."""
+    computations, name = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(ENTRY )?%([\w.\-]+) ", line)
+        if header:
+            name = "ENTRY" if header.group(1) else header.group(2)
+            computations[name] = []
+        elif name is not None and line.startswith("  "):
+            computations[name].append(line)
+    bodies = [re.search(r"body=%([\w.\-]+)", line).group(1)
+              for line in computations["ENTRY"] if " while(" in line]
+    pending, seen = [max(bodies, key=lambda body: len(computations[body]))], set()
+    while pending:
+        name = pending.pop()
+        if name not in seen:
+            seen.add(name)
+            for line in computations[name]:
+                pending += re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", line)
+    return [line for name in seen for line in computations[name]]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_unrolled_decode_fuses_projections_before_the_loop(monkeypatch, fused):
+    """Decoding with unrolled layers runs q/k/v as one dot and gate/up as another
+    (`fuse_projections`), on kernels concatenated once, outside the decode loop: the loop
+    holds 4 weight dots per layer and no concatenation of kernels (7 dots unfused)."""
+    from flax import nnx
+
+    from glm_jax.models import glm as glm_module
+    from glm_jax.models.heads import GlmForCausalLM
+    from glm_jax.models.tiny import tiny_config
+
+    if not fused:
+        monkeypatch.setattr(glm_module, "fuse_projections", lambda config: False)
+    config = tiny_config(scan_layers=False, num_hidden_layers=3)
+    graphdef, state = nnx.split(GlmForCausalLM(config, rngs=nnx.Rngs(0)))
+    prompt = jnp.ones((2, 5), jnp.int32)
+
+    def run(state, prompt):
+        return sample(nnx.merge(graphdef, state), prompt, jnp.ones_like(prompt, bool),
+                      jax.random.key(0), max_new_tokens=8, temperature=1.0,
+                      eos_token_ids=(NEVER,), pad_token_id=0).tokens
+
+    hlo = jax.jit(run).lower(state, prompt).compile().as_text()
+    loop = _decode_loop_ops(hlo)
+    weight_dots = [line for line in loop if " dot(" in line
+                   and re.search(r'op_name="[^"]*/(projections|mlp)/', line)]
+    assert len(weight_dots) == (4 if fused else 7) * config.num_hidden_layers
+    e, d = config.hidden_size, config.head_dim
+    fused_kernels = [f"f32[{(config.num_attention_heads + 2 * config.num_key_value_heads) * d},"
+                     f"{e}]", f"f32[{2 * config.intermediate_size},{e}]"]
+    concatenations = [line for line in hlo.splitlines() if " concatenate(" in line
+                      and any(f"= {shape}" in line for shape in fused_kernels)]
+    assert len(concatenations) == (2 * config.num_hidden_layers if fused else 0)
+    assert not any(line in loop for line in concatenations)
+
+
+def test_fused_projections_sample_like_separate_ones(monkeypatch):
+    """With attention biases and LoRA adapters on every projection, the fused dots of
+    unrolled decoding sample the same tokens as separate dots, with log-probs equal to a
+    full forward pass's."""
+    from flax import nnx
+
+    from glm_jax.models import glm as glm_module
+    from glm_jax.models.heads import GlmForCausalLM
+    from glm_jax.models.lora import add_adapters
+    from glm_jax.models.tiny import tiny_config
+
+    model = GlmForCausalLM(tiny_config(scan_layers=False, attention_bias=True),
+                           rngs=nnx.Rngs(0))
+    model = add_adapters(model, lora_rank=4, lora_alpha=8.0,
+                         lora_targets=("q", "k", "v", "o", "gate", "up", "down"))
+    graphdef, state = nnx.split(model)
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    state = jax.tree.map_with_path(  # nonzero biases and adapters' B, so each one counts
+        lambda path, x: 0.1 * jax.random.normal(next(keys), x.shape)
+        if str(path[-1]).endswith(("_bias", "_lora_b")) else x, state)
+    ids, mask = left_padded(prompts(3), 8)
+
+    def generate(fuse):
+        if not fuse:
+            monkeypatch.setattr(glm_module, "fuse_projections", lambda config: False)
+        return jax.jit(lambda state: sample(
+            nnx.merge(graphdef, state), jnp.asarray(ids), jnp.asarray(mask), jax.random.key(5),
+            max_new_tokens=10, temperature=1.0, eos_token_ids=(NEVER,), pad_token_id=0))(state)
+
+    fused, separate = generate(True), generate(False)
+    np.testing.assert_array_equal(np.asarray(fused.tokens), np.asarray(separate.tokens))
+    np.testing.assert_allclose(np.asarray(fused.logprobs), np.asarray(separate.logprobs),
+                               atol=1e-6, rtol=0)
+    _, logp = full_forward_logprobs(nnx.merge(graphdef, state), ids, mask, fused)
+    expected = np.take_along_axis(logp, np.asarray(fused.tokens)[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(np.asarray(fused.logprobs), expected, atol=1e-6, rtol=0)
+
+
+def test_fuse_projections_only_unrolled_and_without_tensor_parallelism():
+    from glm_jax.models.glm import fuse_projections
+    from glm_jax.models.tiny import tiny_config
+
+    unrolled = tiny_config(scan_layers=False)
+    assert fuse_projections(unrolled) and not fuse_projections(unrolled.replace(scan_layers=True))
+    for shape, fused in (((2, 4, 1), True), ((2, 2, 2), False)):
+        with jax.set_mesh(glm_jax.make_mesh(glm_jax.MeshConfig(*shape))):
+            assert fuse_projections(unrolled) == fused
+
+
 def test_same_shapes_do_not_recompile(setup):
     _, model = setup
     ids, mask = left_padded(prompts(9), 8)
@@ -258,13 +366,16 @@ def test_same_shapes_do_not_recompile(setup):
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))  # the key is used
 
 
-def test_generation_on_a_sharded_model_matches(hf_checkpoint):
+@pytest.mark.parametrize("mesh_shape, scan_layers", [((2, 2, 2), True), ((2, 4, 1), False)])
+def test_generation_on_a_sharded_model_matches(hf_checkpoint, mesh_shape, scan_layers):
+    """Sharded decoding gives the unsharded tokens: scanned layers with tensor parallelism,
+    and unrolled ones with fsdp-sharded kernels, whose q/k/v and gate/up are fused."""
     _, path = hf_checkpoint("glm", num_attention_heads=8, num_key_value_heads=4, head_dim=8)
     ids, mask = left_padded(prompts(12) + prompts(13) + prompts(14)[:2], 8)  # 8 rows
     unsharded = glm_jax.generate(glm_jax.from_pretrained(path), ids, mask, max_new_tokens=8,
                                  temperature=0.0, eos_token_ids=[NEVER])
-    mesh = glm_jax.make_mesh(glm_jax.MeshConfig(2, 2, 2))
-    model = glm_jax.from_pretrained(path, mesh=mesh)
+    mesh = glm_jax.make_mesh(glm_jax.MeshConfig(*mesh_shape))
+    model = glm_jax.from_pretrained(path, mesh=mesh, scan_layers=scan_layers)
     with jax.set_mesh(mesh):
         sharded = glm_jax.generate(model, ids, mask, max_new_tokens=8, temperature=0.0,
                                    eos_token_ids=[NEVER])

@@ -66,9 +66,10 @@ def test_stacked_cache_decodes_like_a_full_forward(scan_layers):
     full = model(ids, mask)
     cache = KVCache.init(config, 3, 13)
     if scan_layers:  # stacked like the parameters
-        assert cache.keys.shape == (3, 3, 2, 13, 8)
+        assert cache.keys.shape == (3, 3, 2, 8, 13) and cache.values.shape == (3, 3, 2, 13, 8)
     else:  # one array per layer, each updated in place
-        assert [k.shape for k in cache.keys] == [(3, 2, 13, 8)] * 3
+        assert [k.shape for k in cache.keys] == [(3, 2, 8, 13)] * 3
+        assert [v.shape for v in cache.values] == [(3, 2, 13, 8)] * 3
     logits, cache = model(ids[:, :8], mask[:, :8], cache)
     steps = [logits]
     for t in range(8, 13):

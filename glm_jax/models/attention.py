@@ -42,18 +42,19 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slots: jax.Ar
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slot: jax.Array,
                      kv_mask: jax.Array) -> jax.Array:
-    """One query per row against a KV cache stored `[batch, kv_heads, kv_len, head_dim]`.
+    """One query per row against a KV cache: keys `[batch, kv_heads, head_dim, kv_len]`,
+    values `[batch, kv_heads, kv_len, head_dim]` (`KVCache`).
 
     q: `[batch, 1, heads, head_dim]`; q_slot: int scalar, the query's slot (it sees the real
-    slots <= q_slot of kv_mask `[batch, kv_len]`). In this layout the kv heads are batch dims
-    ahead of the length axis, as XLA's batched dots want them: the cache is read once, where
-    `[batch, kv_len, kv_heads, head_dim]` would be copied to this layout at every step.
+    slots <= q_slot of kv_mask `[batch, kv_len]`). Each dot reads its cache operand in place:
+    the kv heads are batch dims ahead of the contracted axis, which comes before the output
+    axis (head_dim for the scores, the slots for the values), so neither is copied per step.
     """
     b, _, h, d = q.shape
     kvh = k.shape[1]
-    mask = _mask(q_slot[None], kv_mask, jnp.arange(k.shape[2]))  # [b, 1, s]
+    mask = _mask(q_slot[None], kv_mask, jnp.arange(k.shape[3]))  # [b, 1, s]
     qg = q.reshape(b, kvh, h // kvh, d)
-    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32) * d**-0.5
+    scores = jnp.einsum("bkgd,bkds->bkgs", qg, k, preferred_element_type=jnp.float32) * d**-0.5
     probs = jax.nn.softmax(jnp.where(mask[:, None], scores, _FLOOR), axis=-1).astype(v.dtype)
     return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, 1, h, d)
 
