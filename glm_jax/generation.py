@@ -119,11 +119,14 @@ def sample(model: GlmForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array,
     batch, prompt_length = prompt_ids.shape
     eos = jnp.asarray(tuple(eos_token_ids), jnp.int32)
     cache = KVCache.init(model.config, batch, prompt_length + max_new_tokens)
-    # Unrolled layers: their weights sliced from the stacked ones once, outside the loop.
-    layers = None if model.config.scan_layers else model.model.layer_states()
+    # Unrolled layers: their weights sliced from the stacked ones (and the kernels made into
+    # the decode loop's layout) once, outside the loop.
+    layers = None if model.config.scan_layers else model.model.decode_layers()
+    lm_head = model.decode_lm_head()
     hidden, cache = model.model(prompt_ids, prompt_mask, cache, layers=layers)
     last = last_token_index(prompt_mask)
-    logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+    logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0],
+                          lm_head)
 
     def cond(carry):
         step, *_, done = carry
@@ -147,7 +150,7 @@ def sample(model: GlmForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array,
         hidden, cache = model.model(token[:, None], jnp.ones((batch, 1), bool), cache,
                                     layers=layers)
         with jax.named_scope("lm_head"):
-            logits = model.logits(hidden[:, 0])
+            logits = model.logits(hidden[:, 0], lm_head)
         return step + 1, cache, logits, rng, tokens, logprobs, mask, done
 
     carry = (

@@ -200,9 +200,9 @@ def test_lora_dropout_only_in_a_training_step_and_unbiased():
     @jax.jit
     def q_projection(key):
         with _holding(_LAYER_KEY, key):
-            return attention._project_qkv(x, fused=False)[0]
+            return attention._project_qkv(x)[0]
 
     outs = np.stack([np.asarray(q_projection(jax.random.key(i))) for i in range(256)])
-    undropped = np.asarray(attention._project_qkv(x, fused=False)[0])
+    undropped = np.asarray(attention._project_qkv(x)[0])
     error = np.abs(outs.mean(0) - undropped) / (outs.std(0) / 16 + 1e-6)
     assert np.median(error) < 1.5 and np.abs(outs[0] - undropped).max() > 1e-3

@@ -18,7 +18,7 @@ import contextvars
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -316,22 +316,22 @@ class Attention(nnx.Module):
                 lora_rngs, config, (r, h, d), ("heads", "head_dim"), (e, r), ("embed",))
 
     @jax.named_scope("projections")
-    def _project_qkv(self, x: jax.Array, fused: bool
+    def _project_qkv(self, x: jax.Array, qkv_kernel: jax.Array | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: `[batch, length, embed]` -> q `[batch, length, heads, head_dim]`, k and v
-        `[batch, length, kv_heads, head_dim]`; `fused`: one dot on the three kernels
-        concatenated (see `fuse_projections`)."""
+        `[batch, length, kv_heads, head_dim]`; with `qkv_kernel` (`DecodeKernels.qkv`) one
+        dot instead of three."""
         dtype = self.config.compute_dtype
         kernels = [getattr(self, f"{name}_kernel")[...].astype(dtype) for name in "qkv"]
-        # 2-D dots on the kernels' [out, in] layout: with two output dims XLA canonicalises
-        # the dot by copying the kernel to [in, out], slow to read at decoding's small batch.
-        flat = [kernel.reshape(-1, kernel.shape[-1]) for kernel in kernels]
-        if fused:
-            q_size, kv_size = flat[0].shape[0], flat[1].shape[0]
-            ys = jnp.split(jnp.einsum("bte,ne->btn", x, jnp.concatenate(flat)),
+        if qkv_kernel is not None:
+            q_size, kv_size = (math.prod(kernel.shape[:2]) for kernel in kernels[:2])
+            ys = jnp.split(jnp.einsum("bte,en->btn", x, qkv_kernel),
                            [q_size, q_size + kv_size], axis=-1)
         else:
-            ys = [jnp.einsum("bte,ne->btn", x, kernel) for kernel in flat]
+            # 2-D dots on the kernels' [out, in] layout: with two output dims XLA
+            # canonicalises the dot by copying the kernel to [in, out] at every call.
+            ys = [jnp.einsum("bte,ne->btn", x, kernel.reshape(-1, kernel.shape[-1]))
+                  for kernel in kernels]
         out = []
         for name, kernel, y in zip("qkv", kernels, ys, strict=True):
             y = y.reshape(*y.shape[:2], *kernel.shape[:2])
@@ -345,7 +345,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv_mask: jax.Array,
                  cache_kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
-                 segment_ids: jax.Array | None = None, fused: bool = False,
+                 segment_ids: jax.Array | None = None, kernels: DecodeKernels | None = None,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """x: `[batch, length, embed]` -> (`[batch, length, embed]`, this layer's cache with
         these tokens written (or, uncached, these tokens' keys and values)).
@@ -357,10 +357,10 @@ class Attention(nnx.Module):
         cached); causality is by slot: the query written at slot i sees slots <= i.
         segment_ids: optional `[batch, length]` int (uncached only); a query sees only keys of
         its own segment, making the causal mask block-diagonal.
-        fused: q, k and v from one dot (`fuse_projections`).
+        kernels: this layer's `DecodeKernels`, for decoding.
         """
         cfg = self.config
-        q, k, v = self._project_qkv(x, fused)
+        q, k, v = self._project_qkv(x, None if kernels is None else kernels.qkv)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -389,26 +389,41 @@ class Attention(nnx.Module):
                                     kv_mask=kv_mask, implementation=cfg.attention)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         with jax.named_scope("projections"):
-            kernel = self.o_kernel[...].astype(cfg.compute_dtype)
-            projected = jnp.einsum("btn,en->bte", out.reshape(*out.shape[:2], -1),
-                                   kernel.reshape(kernel.shape[0], -1))
+            out_flat = out.reshape(*out.shape[:2], -1)
+            if kernels is not None:
+                projected = jnp.einsum("btn,ne->bte", out_flat, kernels.o)
+            else:
+                kernel = self.o_kernel[...].astype(cfg.compute_dtype)
+                projected = jnp.einsum("btn,en->bte", out_flat,
+                                       kernel.reshape(kernel.shape[0], -1))
         if hasattr(self, "o_lora_a"):
             projected = projected + _low_rank(out, self.o_lora_a, self.o_lora_b, "hd", "e",
                                               cfg, "o")
         return projected, layer_kv
 
 
+class DecodeKernels(NamedTuple):
+    """One layer's weight kernels as a decode loop reads them: `[in, out]`, q/k/v and
+    gate/up concatenated. qkv: `[embed, (heads + 2 kv_heads) * head_dim]`; o: `[heads *
+    head_dim, embed]`; gate_up: `[embed, 2 * mlp]`; down: `[mlp, embed]`."""
+
+    qkv: jax.Array
+    o: jax.Array
+    gate_up: jax.Array
+    down: jax.Array
+
+
 def fuse_projections(config: GlmConfig) -> bool:
-    """Whether decoding runs q, k and v as one dot, and gate and up as another, on their
-    kernels concatenated: with unrolled layers and no tensor-parallel mesh axis.
+    """Whether decoding reads `DecodeKernels`, made once before the decode loop: with
+    unrolled layers and no tensor-parallel mesh axis.
 
     At decoding's batch a dot costs about its kernel's read plus a fixed cost per call, so
-    one dot of [q; k; v] beats three (generation 1.01-1.03x as fast at hidden 512, 8 layers,
-    batch 8; 1.03-1.07x at hidden 256, 4 layers, batch 16).
-    Unrolled, XLA concatenates each layer's kernels once, before the decode loop, into the
-    copy it makes of the layer's slice of the stacked weights anyway (`layer_states`); a
-    scanned loop would concatenate at every step. A tensor-parallel axis shards the kernels
-    by head, and a concatenation of head-sharded kernels would be gathered.
+    one dot of [q; k; v] beats three, and XLA:CPU's dot reads an `[in, out]` kernel faster
+    than the stored `[out, in]` one (a hidden-512 model's decode matmuls, batch 8, weights
+    streaming from memory: 1.36x). Unrolled, the kernels are made into the copy that slicing
+    each layer from the stacked weights makes anyway (`layer_states`); a scanned loop would
+    make them at every step. A tensor-parallel axis shards the kernels by head, and a
+    concatenation of head-sharded kernels would be gathered.
     """
     if config.scan_layers:
         return False
@@ -437,19 +452,16 @@ class MLP(nnx.Module):
                                                             (e, r), ("embed",))
 
     @jax.named_scope("mlp")
-    def __call__(self, x: jax.Array, fused: bool = False) -> jax.Array:
-        """x: `[batch, length, embed]` -> same; `fused`: gate and up from one dot on their
-        kernels concatenated (`fuse_projections`)."""
+    def __call__(self, x: jax.Array, kernels: DecodeKernels | None = None) -> jax.Array:
+        """x: `[batch, length, embed]` -> same; with `kernels` (decoding), gate and up from
+        one dot."""
         cfg = self.config
         dtype = cfg.compute_dtype
-        gate_kernel, up_kernel = (self.gate_kernel[...].astype(dtype),
-                                  self.up_kernel[...].astype(dtype))
-        if fused:
-            gate, up = jnp.split(jnp.einsum("bte,me->btm", x, jnp.concatenate(
-                [gate_kernel, up_kernel])), 2, axis=-1)
+        if kernels is not None:
+            gate, up = jnp.split(jnp.einsum("bte,em->btm", x, kernels.gate_up), 2, axis=-1)
         else:
-            gate = jnp.einsum("bte,me->btm", x, gate_kernel)
-            up = jnp.einsum("bte,me->btm", x, up_kernel)
+            gate = jnp.einsum("bte,me->btm", x, self.gate_kernel[...].astype(dtype))
+            up = jnp.einsum("bte,me->btm", x, self.up_kernel[...].astype(dtype))
         if hasattr(self, "gate_up_lora_a"):
             low = jnp.einsum("bte,re->btr", _adapter_input(x, cfg.lora_dropout, "gate_up"),
                              self.gate_up_lora_a[...].astype(dtype))
@@ -459,7 +471,10 @@ class MLP(nnx.Module):
             if hasattr(self, "up_lora_b"):
                 up = up + jnp.einsum("btr,mr->btm", low, self.up_lora_b[...].astype(dtype))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        out = jnp.einsum("btm,em->bte", hidden, self.down_kernel[...].astype(dtype))
+        if kernels is not None:
+            out = jnp.einsum("btm,me->bte", hidden, kernels.down)
+        else:
+            out = jnp.einsum("btm,em->bte", hidden, self.down_kernel[...].astype(dtype))
         if hasattr(self, "down_lora_a"):
             out = out + _low_rank(hidden, self.down_lora_a, self.down_lora_b, "m", "e", cfg,
                                   "down")
@@ -479,17 +494,16 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv_mask: jax.Array,
                  cache_kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
-                 segment_ids: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, kernels: DecodeKernels | None = None,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """One pre-norm block: `[batch, length, embed]` -> (same, this layer's keys and values;
         see `Attention`)."""
-        fused = cache_kv is not None and fuse_projections(self.self_attn.config)
         attn, layer_kv = self.self_attn(self.input_layernorm(x), positions, kv_mask, cache_kv,
-                                        cache_index, segment_ids, fused)
+                                        cache_index, segment_ids, kernels)
         if self.use_post_norms:
             attn = self.post_self_attn_layernorm(attn)
         x = x + attn
-        mlp = self.mlp(self.post_attention_layernorm(x), fused)
+        mlp = self.mlp(self.post_attention_layernorm(x), kernels)
         if self.use_post_norms:
             mlp = self.post_mlp_layernorm(mlp)
         x = constrain(x + mlp, ("batch", "length", "act_embed"))
@@ -547,6 +561,25 @@ class GlmModel(nnx.Module):
         return [jax.tree.map(lambda p, i=i: p[i], stacked)
                 for i in range(self.config.num_hidden_layers)]
 
+    def decode_layers(self) -> list[tuple[Any, DecodeKernels | None]]:
+        """What a decode loop takes before the loop, with unrolled layers: each layer's
+        parameters (`layer_states`) and, where `fuse_projections`, its `DecodeKernels`."""
+        states = self.layer_states()
+        if not fuse_projections(self.config):
+            return [(state, None) for state in states]
+        dtype = self.config.compute_dtype
+
+        def in_out(*kernels: nnx.Variable) -> jax.Array:  # [out..., in] kernels -> [in, out]
+            flat = [kernel[...].astype(dtype) for kernel in kernels]
+            return jnp.concatenate([k.reshape(-1, k.shape[-1]) for k in flat]).T
+
+        return [(state, DecodeKernels(
+            qkv=in_out(*(state["self_attn"][f"{name}_kernel"] for name in "qkv")),
+            o=state["self_attn"]["o_kernel"][...].astype(dtype).reshape(
+                self.config.hidden_size, -1).T,
+            gate_up=in_out(state["mlp"]["gate_kernel"], state["mlp"]["up_kernel"]),
+            down=in_out(state["mlp"]["down_kernel"]))) for state in states]
+
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  cache: KVCache | None = None, segment_ids: jax.Array | None = None,
                  layers: Sequence[Any] | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -557,7 +590,8 @@ class GlmModel(nnx.Module):
         segment_ids: optional `[batch, length]` int, packed rows (no cache): 0 is padding,
         1..k the k-th sequence of the row, each contiguous. A token attends only to earlier or
         same positions of its own segment and positions restart at 0 in each segment.
-        layers: with `scan_layers=False`, `layer_states()` taken earlier (see there).
+        layers: with `scan_layers=False`, `layer_states()` taken earlier (see there), or with a
+        cache `decode_layers()`.
         """
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
@@ -582,11 +616,11 @@ class GlmModel(nnx.Module):
         index = None if cache is None else cache.index
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x: jax.Array, params: Any, layer_kv: Any, key: Any = None
-                  ) -> tuple[jax.Array, Any]:
+        def layer(x: jax.Array, params: Any, layer_kv: Any, key: Any = None,
+                  kernels: DecodeKernels | None = None) -> tuple[jax.Array, Any]:
             with _holding(_LAYER_KEY, key):
                 return nnx.merge(graphdef, params)(x, positions, kv_mask, layer_kv, index,
-                                                   segment_ids)
+                                                   segment_ids, kernels)
 
         policy = REMAT_POLICIES[self.config.remat]
         if policy is not None:
@@ -606,8 +640,8 @@ class GlmModel(nnx.Module):
 
         if not self.config.scan_layers:  # per-layer caches, each updated in place
             keys, values = [], []
-            for i, params in enumerate(layers or self.layer_states()):
-                x, (k, v) = layer(x, params, (cache.keys[i], cache.values[i]))
+            for i, (params, kernels) in enumerate(layers or self.decode_layers()):
+                x, (k, v) = layer(x, params, (cache.keys[i], cache.values[i]), None, kernels)
                 keys.append(k)
                 values.append(v)
             keys, values = tuple(keys), tuple(values)

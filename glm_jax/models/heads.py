@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm_jax.losses import chunked_token_logprobs
-from glm_jax.models.glm import GlmConfig, GlmModel, KVCache, _param
+from glm_jax.models.glm import GlmConfig, GlmModel, KVCache, _param, fuse_projections
 from glm_jax.sharding import constrain
 
 
@@ -24,10 +24,21 @@ class GlmForCausalLM(nnx.Module):
         self.lm_head = _param(rngs, nnx.initializers.normal(config.initializer_range),
                               (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden `[..., embed]` -> float32 logits `[..., vocab]`."""
+    def logits(self, hidden: jax.Array, decode_kernel: jax.Array | None = None) -> jax.Array:
+        """hidden `[..., embed]` -> float32 logits `[..., vocab]`; with `decode_kernel`
+        (`decode_lm_head`) read from that copy of the LM head."""
+        if decode_kernel is not None:
+            return jnp.einsum("...e,ev->...v", hidden, decode_kernel,
+                              preferred_element_type=jnp.float32)
         kernel = self.lm_head[...].astype(self.config.compute_dtype)
         return jnp.einsum("...e,ve->...v", hidden, kernel, preferred_element_type=jnp.float32)
+
+    def decode_lm_head(self) -> jax.Array | None:
+        """The LM head as a decode loop reads it, `[embed, vocab]`, made once before the loop
+        where the layers' `DecodeKernels` are (`fuse_projections`); else None."""
+        if not fuse_projections(self.config):
+            return None
+        return self.lm_head[...].astype(self.config.compute_dtype).T
 
     def token_logprobs(self, hidden: jax.Array, tokens: jax.Array, *, with_entropy: bool = False
                        ) -> jax.Array | tuple[jax.Array, jax.Array]:
