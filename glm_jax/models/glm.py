@@ -292,9 +292,8 @@ class Attention(nnx.Module):
         e, h, k, d = (config.hidden_size, config.num_attention_heads,
                       config.num_key_value_heads, config.head_dim)
         init = nnx.initializers.normal(config.initializer_range)
-        # Kernels are output-major ([out..., in], PyTorch's Linear layout): XLA reads them at
-        # ~2.7x the bandwidth of [in, out] in small-batch decoding on CPU, and no slower in
-        # training-sized matmuls (benchmarks/generate.py).
+        # Kernels are output-major ([out..., in], PyTorch's Linear layout, as checkpoints
+        # store them); unrolled decoding reads [in, out] copies (DecodeKernels).
         self.q_kernel = _param(rngs, init, (h, d, e), ("heads", "head_dim", "embed"), config)
         self.k_kernel = _param(rngs, init, (k, d, e), ("kv_heads", "head_dim", "embed"), config)
         self.v_kernel = _param(rngs, init, (k, d, e), ("kv_heads", "head_dim", "embed"), config)
