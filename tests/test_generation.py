@@ -270,8 +270,8 @@ def _decode_loop_ops(hlo: str) -> list[str]:
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_unrolled_decode_fuses_projections_before_the_loop(monkeypatch, fused):
-    """Decoding with unrolled layers reads `DecodeKernels` (`fuse_projections`): q/k/v as one
-    dot and gate/up as another, on kernels concatenated and transposed once, outside the
+    """Decoding with unrolled layers reads `DecodeKernels` (`reads_decode_kernels`): q/k/v as
+    one dot and gate/up as another, on kernels concatenated and transposed once, outside the
     decode loop. The loop holds 4 weight dots per layer (7 with separate kernels) and makes
     no kernel-sized array."""
     from flax import nnx
@@ -283,7 +283,7 @@ def test_unrolled_decode_fuses_projections_before_the_loop(monkeypatch, fused):
 
     if not fused:
         for module in (glm_module, heads_module):
-            monkeypatch.setattr(module, "fuse_projections", lambda config: False)
+            monkeypatch.setattr(module, "reads_decode_kernels", lambda config: False)
     config = tiny_config(scan_layers=False, num_hidden_layers=3)
     graphdef, state = nnx.split(GlmForCausalLM(config, rngs=nnx.Rngs(0)))
     prompt = jnp.ones((2, 5), jnp.int32)
@@ -341,7 +341,7 @@ def test_fused_projections_sample_like_separate_ones(monkeypatch):
     def generate(fuse):
         if not fuse:
             for module in (glm_module, heads_module):
-                monkeypatch.setattr(module, "fuse_projections", lambda config: False)
+                monkeypatch.setattr(module, "reads_decode_kernels", lambda config: False)
         return jax.jit(lambda state: sample(
             nnx.merge(graphdef, state), jnp.asarray(ids), jnp.asarray(mask), jax.random.key(5),
             max_new_tokens=10, temperature=1.0, eos_token_ids=(NEVER,), pad_token_id=0))(state)
@@ -355,15 +355,16 @@ def test_fused_projections_sample_like_separate_ones(monkeypatch):
     np.testing.assert_allclose(np.asarray(fused.logprobs), expected, atol=1e-6, rtol=0)
 
 
-def test_fuse_projections_only_unrolled_and_without_tensor_parallelism():
-    from glm_jax.models.glm import fuse_projections
+def test_reads_decode_kernels_only_unrolled_and_without_tensor_parallelism():
+    from glm_jax.models.glm import reads_decode_kernels
     from glm_jax.models.tiny import tiny_config
 
     unrolled = tiny_config(scan_layers=False)
-    assert fuse_projections(unrolled) and not fuse_projections(unrolled.replace(scan_layers=True))
-    for shape, fused in (((2, 4, 1), True), ((2, 2, 2), False)):
+    assert reads_decode_kernels(unrolled)
+    assert not reads_decode_kernels(unrolled.replace(scan_layers=True))
+    for shape, expected in (((2, 4, 1), True), ((2, 2, 2), False)):
         with jax.set_mesh(glm_jax.make_mesh(glm_jax.MeshConfig(*shape))):
-            assert fuse_projections(unrolled) == fused
+            assert reads_decode_kernels(unrolled) == expected
 
 
 def test_same_shapes_do_not_recompile(setup):

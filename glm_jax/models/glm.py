@@ -412,7 +412,7 @@ class DecodeKernels(NamedTuple):
     down: jax.Array
 
 
-def fuse_projections(config: GlmConfig) -> bool:
+def reads_decode_kernels(config: GlmConfig) -> bool:
     """Whether decoding reads `DecodeKernels`, made once before the decode loop: with
     unrolled layers and no tensor-parallel mesh axis.
 
@@ -553,18 +553,19 @@ class GlmModel(nnx.Module):
 
     def layer_states(self) -> list[Any]:
         """Each layer's parameters (nnx States sliced from the stacked ones), for the unrolled
-        form (`scan_layers=False`). A decode loop takes them once, before the loop, and passes
-        them as `layers`: sliced inside the loop, XLA:CPU copies every layer's weights at
-        every step (generation at hidden 512: 265 tokens/s against 332 taken once)."""
+        form (`scan_layers=False`). A decode loop takes them once, before the loop
+        (`decode_layers`), and passes them as `layers`: sliced inside the loop, XLA:CPU copies
+        every layer's weights at every step (generation at hidden 512: 265 tokens/s against
+        332 taken once)."""
         stacked = nnx.state(self.layers)
         return [jax.tree.map(lambda p, i=i: p[i], stacked)
                 for i in range(self.config.num_hidden_layers)]
 
     def decode_layers(self) -> list[tuple[Any, DecodeKernels | None]]:
         """What a decode loop takes before the loop, with unrolled layers: each layer's
-        parameters (`layer_states`) and, where `fuse_projections`, its `DecodeKernels`."""
+        parameters (`layer_states`) and, where `reads_decode_kernels`, its `DecodeKernels`."""
         states = self.layer_states()
-        if not fuse_projections(self.config):
+        if not reads_decode_kernels(self.config):
             return [(state, None) for state in states]
         dtype = self.config.compute_dtype
 

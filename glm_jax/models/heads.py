@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm_jax.losses import chunked_token_logprobs
-from glm_jax.models.glm import GlmConfig, GlmModel, KVCache, _param, fuse_projections
+from glm_jax.models.glm import GlmConfig, GlmModel, KVCache, _param, reads_decode_kernels
 from glm_jax.sharding import constrain
 
 
@@ -35,8 +35,8 @@ class GlmForCausalLM(nnx.Module):
 
     def decode_lm_head(self) -> jax.Array | None:
         """The LM head as a decode loop reads it, `[embed, vocab]`, made once before the loop
-        where the layers' `DecodeKernels` are (`fuse_projections`); else None."""
-        if not fuse_projections(self.config):
+        where the layers' `DecodeKernels` are (`reads_decode_kernels`); else None."""
+        if not reads_decode_kernels(self.config):
             return None
         return self.lm_head[...].astype(self.config.compute_dtype).T
 
