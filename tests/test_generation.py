@@ -208,28 +208,35 @@ def test_inverse_cdf_never_picks_a_zero_weight():
             np.asarray(_inverse_cdf(weights, jnp.full((3,), u, jnp.float32))), expected)
 
 
-def test_decode_loop_copies_no_cache_and_no_kernel():
-    """The compiled generation never transposes a projection kernel (a dot on the [out, in]
-    layout reads it at decoding's small batch) and its decode loop copies no layer's KV
-    cache (decode attention reads it in the stored layout)."""
+def _compiled_generation(config, max_new_tokens: int) -> str:
+    """The HLO text of a generation by a random model of `config`, compiled as users'
+    programs are: with multi-threaded Eigen (the tests turn it off: tests/conftest.py), which
+    decides how XLA:CPU lays out its dots."""
     from flax import nnx
 
     from glm_jax.models.heads import GlmForCausalLM
-    from glm_jax.models.tiny import tiny_config
 
-    config = tiny_config(scan_layers=False)
     graphdef, state = nnx.split(GlmForCausalLM(config, rngs=nnx.Rngs(0)))
     prompt = jnp.ones((2, 5), jnp.int32)
 
     def run(state, prompt):
         return sample(nnx.merge(graphdef, state), prompt, jnp.ones_like(prompt, bool),
-                      jax.random.key(0), max_new_tokens=30, temperature=1.0,
+                      jax.random.key(0), max_new_tokens=max_new_tokens, temperature=1.0,
                       eos_token_ids=(NEVER,), pad_token_id=0).tokens
 
-    # Compiled as users' programs are, with multi-threaded Eigen (the tests turn it off:
-    # tests/conftest.py), which decides how XLA:CPU lays out its dots.
-    hlo = jax.jit(run).lower(state, prompt).compile({"xla_cpu_multi_thread_eigen": True}
-                                                   ).as_text()
+    compiled = jax.jit(run).lower(state, prompt).compile({"xla_cpu_multi_thread_eigen": True})
+    return compiled.as_text()
+
+
+def test_decode_loop_copies_no_cache_and_no_kernel():
+    """No projection's dot copies its kernel (XLA canonicalises a dot with two output dims
+    by copying the kernel to [in, out] at every call; the decode loop's [in, out] copies are
+    made once, by `decode_layers`) and the decode loop copies no layer's KV cache (decode
+    attention reads it in the stored layout)."""
+    from glm_jax.models.tiny import tiny_config
+
+    config = tiny_config(scan_layers=False)
+    hlo = _compiled_generation(config, max_new_tokens=30)
     e, d = config.hidden_size, config.head_dim
     transposed_kernels = {(e, config.num_attention_heads * d), (e, config.num_key_value_heads * d),
                           (config.num_attention_heads * d, e), (e, config.intermediate_size),
@@ -274,28 +281,15 @@ def test_unrolled_decode_fuses_projections_before_the_loop(monkeypatch, fused):
     one dot and gate/up as another, on kernels concatenated and transposed once, outside the
     decode loop. The loop holds 4 weight dots per layer (7 with separate kernels) and makes
     no kernel-sized array."""
-    from flax import nnx
-
     from glm_jax.models import glm as glm_module
     from glm_jax.models import heads as heads_module
-    from glm_jax.models.heads import GlmForCausalLM
     from glm_jax.models.tiny import tiny_config
 
     if not fused:
         for module in (glm_module, heads_module):
             monkeypatch.setattr(module, "reads_decode_kernels", lambda config: False)
     config = tiny_config(scan_layers=False, num_hidden_layers=3)
-    graphdef, state = nnx.split(GlmForCausalLM(config, rngs=nnx.Rngs(0)))
-    prompt = jnp.ones((2, 5), jnp.int32)
-
-    def run(state, prompt):
-        return sample(nnx.merge(graphdef, state), prompt, jnp.ones_like(prompt, bool),
-                      jax.random.key(0), max_new_tokens=8, temperature=1.0,
-                      eos_token_ids=(NEVER,), pad_token_id=0).tokens
-
-    # Compiled as users' programs are (see test_decode_loop_copies_no_cache_and_no_kernel).
-    hlo = jax.jit(run).lower(state, prompt).compile({"xla_cpu_multi_thread_eigen": True}
-                                                   ).as_text()
+    hlo = _compiled_generation(config, max_new_tokens=8)
     loop = _decode_loop_ops(hlo)
     weight_dots = [line for line in loop if " dot(" in line
                    and re.search(r'op_name="[^"]*/(projections|mlp)/', line)]
