@@ -321,7 +321,7 @@ class Attention(nnx.Module):
         `[batch, length, kv_heads, head_dim]`; with `qkv_kernel` (`DecodeKernels.qkv`) one
         dot instead of three."""
         dtype = self.config.compute_dtype
-        kernels = [getattr(self, f"{name}_kernel")[...].astype(dtype) for name in "qkv"]
+        kernels = [getattr(self, f"{name}_kernel") for name in "qkv"]
         if qkv_kernel is not None:
             q_size, kv_size = (math.prod(kernel.shape[:2]) for kernel in kernels[:2])
             ys = jnp.split(jnp.einsum("bte,en->btn", x, qkv_kernel),
@@ -329,8 +329,8 @@ class Attention(nnx.Module):
         else:
             # 2-D dots on the kernels' [out, in] layout: with two output dims XLA
             # canonicalises the dot by copying the kernel to [in, out] at every call.
-            ys = [jnp.einsum("bte,ne->btn", x, kernel.reshape(-1, kernel.shape[-1]))
-                  for kernel in kernels]
+            ys = [jnp.einsum("bte,ne->btn", x, kernel[...].astype(dtype).reshape(
+                -1, kernel.shape[-1])) for kernel in kernels]
         out = []
         for name, kernel, y in zip("qkv", kernels, ys, strict=True):
             y = y.reshape(*y.shape[:2], *kernel.shape[:2])
@@ -640,7 +640,10 @@ class GlmModel(nnx.Module):
 
         if not self.config.scan_layers:  # per-layer caches, each updated in place
             keys, values = [], []
-            for i, (params, kernels) in enumerate(layers or self.decode_layers()):
+            # A single call reads the stored kernels: DecodeKernels pay only when a loop reuses
+            # them (`decode_layers`, taken by the caller before its loop).
+            for i, (params, kernels) in enumerate(
+                    layers or [(state, None) for state in self.layer_states()]):
                 x, (k, v) = layer(x, params, (cache.keys[i], cache.values[i]), None, kernels)
                 keys.append(k)
                 values.append(v)
