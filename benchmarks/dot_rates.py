@@ -72,7 +72,7 @@ def torch_linear(kernel: np.ndarray, batch: int, calls: int):
         carry = rows
         with torch.no_grad():
             for _ in range(calls):
-                carry = carry + 1e-9 * torch.nn.functional.linear(carry, weight).sum(
+                carry = carry + 1e-9 * torch.nn.functional.linear(carry, weight).amax(
                     1, keepdim=True)
         return carry
 
@@ -110,18 +110,18 @@ def main() -> None:
           f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); float32")
     print(f"{'':36s} {'kernel':>10s} {'ms/call':>8s} {'GB/s read':>10s} {'GFLOP/s':>8s}")
-    for (label, batch, kernel, _), seconds in zip(rows, best, strict=True):
-        gbps = kernel.nbytes / seconds / 1e9
-        gflops = 2 * batch * kernel.size / seconds / 1e9
+    for (label, batch, kernel, _), call_s in zip(rows, best, strict=True):
+        gbps = kernel.nbytes / call_s / 1e9
+        gflops = 2 * batch * kernel.size / call_s / 1e9
         shape = "x".join(map(str, kernel.shape))
-        print(f"{label:36s} {shape:>10s} {seconds * 1e3:8.3f} {gbps:10.1f} "
+        print(f"{label:36s} {shape:>10s} {call_s * 1e3:8.3f} {gbps:10.1f} "
               + (f"{gflops:8.1f}" if batch else f"{'':>8s}"))
 
     seconds = dict(zip([row[0] for row in rows], best, strict=True))
     argument = seconds[f"XLA dot, batch {args.batch}"]
     constant = seconds[f"XLA dot, batch {args.batch}, constant kernel"]
     print(f"batch {args.batch}: the dot on a kernel argument takes {argument / constant:.2f}x "
-          f"its time on a constant one (the argument is laid out afresh at every call), and "
+          f"its time on a constant one (XLA:CPU lays a dynamic kernel out at every call), and "
           f"{argument / seconds['XLA dot, batch 1']:.2f}x batch 1's")
 
 if __name__ == "__main__":

@@ -34,10 +34,7 @@ def test_each_timed_loop_computes_every_call(dot_rates):
         out = dot_rates.xla_dot(jnp.asarray(kernel), batch, calls, constant=constant)()
         np.testing.assert_allclose(np.asarray(out), rows, rtol=1e-6)
     linear = dot_rates.torch_linear(kernel, batch, calls)().numpy()
-    expected = np.full((batch, 16), 0.01, np.float32)
-    for _ in range(calls):
-        expected = expected + np.float32(1e-9) * (expected @ kernel).sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(linear, expected, rtol=1e-6)
+    np.testing.assert_allclose(linear, rows, rtol=1e-6)
     total = dot_rates.xla_read(jnp.asarray(kernel), calls)()
     scale = np.float32(1.0)
     for _ in range(calls):
