@@ -275,19 +275,26 @@ def _decode_loop_ops(hlo: str) -> list[str]:
     return [line for name in seen for line in computations[name]]
 
 
+def _read_stored_kernels(monkeypatch) -> None:
+    """Unrolled decoding reads the stored kernels, as without `DecodeKernels` (both modules
+    that ask `reads_decode_kernels` are told no)."""
+    from glm_jax.models import glm as glm_module
+    from glm_jax.models import heads as heads_module
+
+    for module in (glm_module, heads_module):
+        monkeypatch.setattr(module, "reads_decode_kernels", lambda config: False)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_unrolled_decode_fuses_projections_before_the_loop(monkeypatch, fused):
     """Decoding with unrolled layers reads `DecodeKernels` (`reads_decode_kernels`): q/k/v as
     one dot and gate/up as another, on kernels concatenated and transposed once, outside the
     decode loop. The loop holds 4 weight dots per layer (7 with separate kernels) and makes
     no kernel-sized array."""
-    from glm_jax.models import glm as glm_module
-    from glm_jax.models import heads as heads_module
     from glm_jax.models.tiny import tiny_config
 
     if not fused:
-        for module in (glm_module, heads_module):
-            monkeypatch.setattr(module, "reads_decode_kernels", lambda config: False)
+        _read_stored_kernels(monkeypatch)
     config = tiny_config(scan_layers=False, num_hidden_layers=3)
     hlo = _compiled_generation(config, max_new_tokens=8)
     loop = _decode_loop_ops(hlo)
@@ -315,8 +322,6 @@ def test_fused_projections_sample_like_separate_ones(monkeypatch):
     the stored kernels, with log-probs equal to a full forward pass's."""
     from flax import nnx
 
-    from glm_jax.models import glm as glm_module
-    from glm_jax.models import heads as heads_module
     from glm_jax.models.heads import GlmForCausalLM
     from glm_jax.models.lora import add_adapters
     from glm_jax.models.tiny import tiny_config
@@ -334,8 +339,7 @@ def test_fused_projections_sample_like_separate_ones(monkeypatch):
 
     def generate(fuse):
         if not fuse:
-            for module in (glm_module, heads_module):
-                monkeypatch.setattr(module, "reads_decode_kernels", lambda config: False)
+            _read_stored_kernels(monkeypatch)
         return jax.jit(lambda state: sample(
             nnx.merge(graphdef, state), jnp.asarray(ids), jnp.asarray(mask), jax.random.key(5),
             max_new_tokens=10, temperature=1.0, eos_token_ids=(NEVER,), pad_token_id=0))(state)

@@ -590,8 +590,7 @@ class GlmModel(nnx.Module):
         segment_ids: optional `[batch, length]` int, packed rows (no cache): 0 is padding,
         1..k the k-th sequence of the row, each contiguous. A token attends only to earlier or
         same positions of its own segment and positions restart at 0 in each segment.
-        layers: with `scan_layers=False`, `layer_states()` taken earlier (see there), or with a
-        cache `decode_layers()`.
+        layers: with `scan_layers=False`, `decode_layers()` taken earlier (see there).
         """
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
@@ -625,6 +624,10 @@ class GlmModel(nnx.Module):
         policy = REMAT_POLICIES[self.config.remat]
         if policy is not None:
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.config.scan_layers)
+        if not self.config.scan_layers and layers is None:
+            # A single call reads the stored kernels: DecodeKernels pay only when a loop reuses
+            # them (`decode_layers`, taken by the caller before its loop).
+            layers = [(state, None) for state in self.layer_states()]
         if cache is None:
             # In a training step with LoRA dropout: one dropout key per layer.
             step_key = _STEP_KEY.get() if self.config.lora_dropout else None
@@ -634,16 +637,13 @@ class GlmModel(nnx.Module):
                 x, _ = jax.lax.scan(lambda x, xs: (layer(x, xs[0], None, xs[1])[0], None), x,
                                     (stacked, keys))
             else:
-                for i, params in enumerate(layers or self.layer_states()):
-                    x, _ = layer(x, params, None, None if keys is None else keys[i])
+                for i, (params, kernels) in enumerate(layers):
+                    x, _ = layer(x, params, None, None if keys is None else keys[i], kernels)
             return self.norm(x), None
 
         if not self.config.scan_layers:  # per-layer caches, each updated in place
             keys, values = [], []
-            # A single call reads the stored kernels: DecodeKernels pay only when a loop reuses
-            # them (`decode_layers`, taken by the caller before its loop).
-            for i, (params, kernels) in enumerate(
-                    layers or [(state, None) for state in self.layer_states()]):
+            for i, (params, kernels) in enumerate(layers):
                 x, (k, v) = layer(x, params, (cache.keys[i], cache.values[i]), None, kernels)
                 keys.append(k)
                 values.append(v)
